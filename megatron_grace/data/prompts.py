@@ -57,13 +57,16 @@ class PromptBuilder:
         rendered = self.render_text(text)
         # Search after the system prompt so a user text that also occurs inside it is not matched there.
         sys_at = rendered.find(self.system_prompt)
-        char_start = rendered.find(text, sys_at + len(self.system_prompt) if sys_at >= 0 else 0)
-        if char_start < 0 or not text:
+        search_from = sys_at + len(self.system_prompt) if sys_at >= 0 else 0
+        # Some templates (Llama 3) trim the message content: then the stripped text is what appears.
+        located = text if text in rendered[search_from:] else text.strip()
+        char_start = rendered.find(located, search_from)
+        if char_start < 0 or not located:
             raise PromptError(
                 f"cannot locate the user text in the chat template of {self.tokenizer.name_or_path!r} "
                 f"(text starts {text[:40]!r}); L_sys would be unknown"
             )
-        char_end = char_start + len(text)
+        char_end = char_start + len(located)
         encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         # A token that straddles the start of the text (a merge with the header's newline) counts as text.
