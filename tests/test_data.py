@@ -1,6 +1,7 @@
 """GRACE data pipeline: prompts and L_sys per chat template, bad rows, strict mode, length handling, sampler."""
+import hashlib
+import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -272,25 +273,101 @@ def test_shard_gives_contiguous_whole_slices():
 
 
 # ------------------------------------------------------------------------------------------------- prepare_data tool
-def test_prepare_data_filters_and_splits(tmp_path, smollm2_tokenizer_dir, builder):
+def load_tool(name):
+    """A script from tools/ as a module (tools/ is not a package)."""
+    module_name = f"_tools_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def test_prepare_data_filters_and_splits(tmp_path, smollm2_tokenizer_dir, builder, capsys):
+    prepare_data = load_tool("prepare_data")
     short = "Cats purr when content."
     max_length = len(builder.build(short)) + 2
     lines = [row(query=f"q{i}", positive=short) for i in range(10)]
     lines[4] = row(positive=" ".join(["purring"] * 100))  # too long
     lines[6] = "not json"
     source = write_lines(tmp_path / "raw.jsonl", lines)
-    command = [sys.executable, str(REPO / "tools" / "prepare_data.py"), str(source), "--mode", "supervised",
-               "--output-dir", str(tmp_path / "out"), "--tokenizer", str(smollm2_tokenizer_dir),
-               "--max-prompt-length", str(max_length), "--test-fraction", "0.25"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "raw.jsonl: 10 lines read, 8 examples kept, 2 skipped" in result.stdout
+    argv = [str(source), "--mode", "supervised", "--output-dir", str(tmp_path / "out"),
+            "--tokenizer", str(smollm2_tokenizer_dir), "--max-prompt-length", str(max_length), "--test-fraction", "0.25"]
+    assert prepare_data.main(argv) == 0
+    assert "raw.jsonl: 10 lines read, 8 examples kept, 2 skipped" in capsys.readouterr().out
     test_rows = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
     train_rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert [r["query"] for r in test_rows] == ["q0", "q1"]  # int(8 * 0.25) leading rows
     assert [r["query"] for r in train_rows] == ["q2", "q3", "q5", "q7", "q8", "q9"]
     assert train_rows[0] == {"query": "q2", "positive": short, "negative": "Dogs bark at strangers."}
-    rerun = subprocess.run(command, capture_output=True, text=True)
-    assert rerun.returncode == 2 and "--overwrite" in rerun.stderr
-    strict = subprocess.run(command + ["--strict", "--overwrite"], capture_output=True, text=True)
-    assert strict.returncode == 1 and "raw.jsonl:7: invalid JSON" in strict.stderr
+    assert prepare_data.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert prepare_data.main(argv + ["--strict", "--overwrite"]) == 1
+    assert "raw.jsonl:7: invalid JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- WordNet sample data tool
+SAMPLE_DATA = REPO / "examples" / "data"
+
+
+def test_wordnet_data_lines_parse():
+    build_sample_data = load_tool("build_sample_data")
+    noun = build_sample_data.parse_data_line(
+        "00406612 04 n 02 fold 0 folding 0 003 @ 00404403 n 0000 + 01277992 v 0201 ~ 00406800 n 0000 | "
+        'the act of folding; "he gave the napkins a double fold"  \n'
+    )
+    assert noun == build_sample_data.Synset(
+        "00406612-n", ["fold", "folding"], "00404403-n", "the act of folding", ["he gave the napkins a double fold"]
+    )
+    assert noun.entry() == "fold, folding: he gave the napkins a double fold"
+    verb = build_sample_data.parse_data_line(
+        "01277992 35 v 02 fold 0 fold_up 0 002 @ 01234567 v 0000 + 00406612 n 0101 01 + 08 00 | "
+        'bend so that one part covers the other; "fold up the newspaper"; "fold the sheets"\n'
+    )
+    assert (verb.lemmas, verb.parent, verb.examples) == (["fold", "fold up"], "01234567-v",
+                                                         ["fold up the newspaper", "fold the sheets"])
+    satellite = build_sample_data.parse_data_line(
+        '00002312 00 s 01 long(a) 0 001 & 00002098 a 0000 | of time; "a long life"- A. Author; "long years"\n'
+    )
+    assert satellite == build_sample_data.Synset("00002312-s", ["long"], "00002098-a", "of time",
+                                                 ["a long life", "long years"])
+
+
+def test_wordnet_build_keeps_held_out_text_out_of_training(monkeypatch):
+    build_sample_data = load_tool("build_sample_data")
+    Synset = build_sample_data.Synset
+    synsets = [
+        Synset("1-n", ["cat"], "0-n", "a small feline", ["the cat purred"]),
+        Synset("2-n", ["dog"], "0-n", "a domestic canine", ["the dog barked loudly at night"]),
+        Synset("3-n", ["lion"], "0-n", "a big feline", ["the lion roared"]),           # held out
+        Synset("4-n", ["wolf"], "0-n", "a wild canine", ["the lion roared"]),           # shares held-out text
+        Synset("5-n", ["fox"], "0-n", "a small canine", []),                            # no example
+        Synset("6-n", ["oak"], "9-n", "a tree", ["the oak fell down in the storm"]),    # only child of 9-n
+    ]
+    monkeypatch.setattr(build_sample_data, "is_held_out", lambda key, percent: key == "3-n")
+    heldout, triplets, sentences = build_sample_data.build(
+        synsets, heldout_percent=20, num_supervised=10, num_unsupervised=10, seed=0)
+    assert heldout == ["3-n"]
+    assert sorted(t["query"] for t in triplets) == ["a domestic canine", "a small feline"]
+    by_query = {t["query"]: t for t in triplets}
+    assert by_query["a small feline"] == {"query": "a small feline", "positive": "cat: the cat purred",
+                                          "negative": "dog: the dog barked loudly at night"}
+    assert by_query["a domestic canine"]["negative"] == "cat: the cat purred"
+    assert sorted(sentences) == ["the dog barked loudly at night", "the oak fell down in the storm"]
+
+
+def test_bundled_sample_data(builder):
+    sizes = {path.name: path.stat().st_size for path in SAMPLE_DATA.iterdir()}
+    assert sum(sizes.values()) <= 2 * 1024 * 1024, sizes
+    assert {"README.md", "LICENSE.WordNet"} <= sizes.keys()
+    supervised = load_grace_dataset(SAMPLE_DATA / "train_supervised.jsonl", builder, max_prompt_length=1024,
+                                    strict=True, verbose=False)
+    unsupervised = load_grace_dataset(SAMPLE_DATA / "train_unsupervised.txt", builder, mode="unsupervised",
+                                      max_prompt_length=1024, strict=True, verbose=False)
+    assert (len(supervised), supervised.num_negatives, len(unsupervised)) == (3000, 1, 3000)
+    heldout = (SAMPLE_DATA / "heldout_synsets.txt").read_text().split()
+    assert len(heldout) == 22703
+    # The README's rule, written out independently of the tool.
+    assert all(int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < 20 for key in heldout)
+    assert all(len(key) == 10 and key[8] == "-" and key[9] in "nvas" for key in heldout)
