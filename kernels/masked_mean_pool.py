@@ -62,7 +62,9 @@ def use_triton(tensor):
 # Torch reference
 # ----------------------------------------------------------------------------------------------------------------
 def _reference_weighted_sum(hidden, weights, seq_first):
-    return torch.einsum("sbh,bs->bh" if seq_first else "bsh,bs->bh", hidden, weights.to(hidden.dtype))
+    # A batched [1, S] x [S, H] matmul: on CPU several times faster than einsum or a masked multiply-and-sum.
+    hidden = hidden.transpose(0, 1) if seq_first else hidden
+    return torch.bmm(weights.to(hidden.dtype)[:, None, :], hidden).squeeze(1)
 
 
 def masked_mean_pool_reference(hidden, mask, normalize=False, *, seq_first=False, check_empty_rows=True):
