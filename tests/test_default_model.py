@@ -1,4 +1,4 @@
-"""The embedded default model: build-once semantics of the cache, the tokenizer fast path, and (slow) the full folder."""
+"""The embedded default model: build-once cache semantics, the tokenizer fast path and (slow) the full folder."""
 import json
 
 import pytest

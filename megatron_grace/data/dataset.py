@@ -265,7 +265,11 @@ def load_grace_dataset(
     strict: bool = False,
     verbose: bool = True,
 ) -> GraceDataset:
-    """Read, validate and tokenise a training file. With ``verbose`` the report summary is printed to stderr."""
+    """Read, validate and tokenise a training file.
+
+    ``tokenizer`` is a fast HF tokenizer with a chat template, or a ready :class:`PromptBuilder`. With ``verbose``,
+    progress (files over 10k rows) and the report summary go to stderr; pass ``verbose=False`` on all but one rank.
+    """
     rows, report = read_rows(path, mode, strict=strict)
     builder = tokenizer if isinstance(tokenizer, PromptBuilder) else PromptBuilder(tokenizer)
     examples = build_examples(rows, builder, report, max_prompt_length=max_prompt_length, strict=strict,
