@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .masked_mean_pool import NORM_EPS, use_triton
+from .masked_mean_pool import NORM_EPS, TRITON_INTERPRETED, use_triton
 
 REWARD_TERMS = ("total", "pos", "neg", "clust", "cross")
 MODES = ("supervised", "unsupervised")
@@ -212,7 +212,7 @@ def grace_rewards_triton(main, query, negative=None, *, group_size, mode="superv
     terms = {name: torch.empty(num_groups * group_size, dtype=torch.float32, device=main.device)
              for name in REWARD_TERMS}
     # Block over H: the interpreter pays per loop iteration, a GPU per register (the tiles are 3-D broadcasts).
-    block_h = min(triton.next_power_of_2(hidden_size), 512 if triton.knobs.runtime.interpret else 32)
+    block_h = min(triton.next_power_of_2(hidden_size), 512 if TRITON_INTERPRETED else 32)
     _grace_rewards_kernel[(num_groups,)](
         main, query, negatives, terms["total"], terms["pos"], terms["neg"], terms["clust"], terms["cross"],
         num_groups, group_size, num_negatives, hidden_size, main.stride(0), query.stride(0), negatives.stride(0),

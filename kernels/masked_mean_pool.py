@@ -12,8 +12,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
+# Read once at import, when triton.jit decides whether the kernels below are built for the interpreter; reading the
+# environment again later could send CPU tensors to compiled GPU kernels.
+TRITON_INTERPRETED = triton.knobs.runtime.interpret
 # Same clamp as torch.nn.functional.normalize, so both paths agree on (near-)zero rows.
 NORM_EPS = 1e-12
 
@@ -52,10 +54,8 @@ def raise_on_empty_rows(counts):
 
 
 def use_triton(tensor):
-    """Triton on CUDA tensors, or anywhere when the kernels were built for the interpreter (TRITON_INTERPRET=1 at
-    import); decided from the kernel object rather than the environment so that setting the variable after import
-    cannot send CPU tensors to compiled GPU kernels."""
-    return tensor.is_cuda or isinstance(_masked_weighted_sum_kernel.fn, InterpretedFunction)
+    """Triton on CUDA tensors, or on any device when the kernels were built for the interpreter."""
+    return tensor.is_cuda or TRITON_INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def _pooling_configs():
     # The interpreter cannot autotune over several configs, and its cost is per program x loop iteration: one config
     # with large blocks. On GPU a small sweep over tile shapes, keyed on the hidden size only, so that a new sequence
     # length (every training step) does not trigger a re-tune.
-    if triton.knobs.runtime.interpret:
+    if TRITON_INTERPRETED:
         return [triton.Config({"BLOCK_S": 128, "BLOCK_H": 256})]
     return [triton.Config({"BLOCK_S": block_s, "BLOCK_H": block_h}, num_warps=num_warps, num_stages=stages)
             for block_s, block_h, num_warps, stages in
@@ -193,8 +193,7 @@ class _MaskedWeightedPool(torch.autograd.Function):
         grad_hidden = torch.empty(hidden_shape, dtype=hidden_dtype, device=grad_pooled.device)
         (batch, seq_len, hidden_size), (stride_b, stride_s, stride_h) = \
             _batch_seq_hidden_strides(grad_hidden, seq_first)
-        interpreted = triton.knobs.runtime.interpret
-        block_s, block_h = (128, 256) if interpreted else (32, 128)
+        block_s, block_h = (128, 256) if TRITON_INTERPRETED else (32, 128)
         if grad_hidden.numel() > 0:
             _masked_weighted_sum_backward_kernel[(batch, triton.cdiv(seq_len, block_s))](
                 grad_pooled, weights, grad_hidden, seq_len, hidden_size, grad_pooled.stride(0), weights.stride(0),
