@@ -1,0 +1,73 @@
+"""Megatron DDP + distributed optimizer for the policy, wired into the model config the way Megatron-LM's training
+loop does (gradient finalisation with per-token loss scaling, loss scaling for fp16, no-sync for micro-batches)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+
+@dataclass
+class OptimizerSettings:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+def wrap_for_training(model, settings: OptimizerSettings):
+    """Wrap one model stage in Megatron DDP and build the (distributed) AdamW optimizer.
+
+    Losses are sums over tokens and ``num_tokens`` is returned from the loss function
+    (``calculate_per_token_loss``): Megatron then divides gradients by the token count of the whole mini-batch, summed
+    over micro-batches and data-parallel ranks, which is GRPO's token-mean aggregation.
+    """
+    config = model.config
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp_model.no_sync
+    return ddp_model, optimizer
+
+
+def optimizer_step(ddp_model, optimizer) -> tuple[bool, float | None]:
+    """One optimizer step after the forward/backward schedule. Returns (applied, grad norm)."""
+    applied, grad_norm, _ = optimizer.step()
+    return bool(applied), (None if grad_norm is None else float(grad_norm))
+
+
+def zero_grads(ddp_model, optimizer) -> None:
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

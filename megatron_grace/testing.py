@@ -1,0 +1,74 @@
+"""Tiny random Hugging Face models of every supported family, for tests and benchmarks (built in code, nothing
+downloaded). Shapes are small but exercise the interesting paths: grouped-query attention, a vocabulary that is not a
+multiple of the padding unit, tied embeddings across pipeline stages, qkv bias, q/k norms and Llama 3 RoPE scaling."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+# 4 query heads in 2 KV groups: TP 1 and 2 divide both.
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_hf_model(family: str, *, vocab_size: int = 49152 + 77, seed: int = 0, eos_token_id: int = 2):
+    """A random ``*ForCausalLM`` of ``family``; norms and biases are perturbed so that mapping mistakes show."""
+    import transformers
+
+    shape = dict(TINY_SHAPE, vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=1)
+    if family == "llama":  # SmolLM2 / Llama 3.2 style: tied embeddings, Llama 3 RoPE scaling
+        config = transformers.LlamaConfig(
+            **shape, tie_word_embeddings=True, rope_theta=100000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192})
+        model_class = transformers.LlamaForCausalLM
+    elif family == "qwen2":  # Qwen2.5-1.5B style: qkv bias, tied embeddings
+        config = transformers.Qwen2Config(**shape, tie_word_embeddings=True, rope_theta=1000000.0)
+        model_class = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":  # Qwen3 style: q/k norms, explicit head_dim, untied
+        config = transformers.Qwen3Config(**shape, head_dim=24, tie_word_embeddings=False)
+        model_class = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Path, *, dtype=torch.float32,
+                       **kwargs) -> Path:
+    """Write a tiny model of ``family`` with the given tokenizer files as a complete HF folder."""
+    out_dir = Path(out_dir)
+    model = tiny_hf_model(family, **kwargs).to(dtype)
+    model.save_pretrained(out_dir)
+    for path in Path(tokenizer_dir).iterdir():
+        if path.is_file() and not path.name.endswith((".safetensors", ".gguf")) and path.name != "config.json":
+            shutil.copy2(path, out_dir / path.name)
+    return out_dir
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 4, timeout: float = 900) -> None:
+    """Run ``script`` on ``nproc`` local ranks (gloo on CPU); raise with the tail of its output if it fails."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={port}", str(script), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                           f"{result.stderr[-8000:]}")

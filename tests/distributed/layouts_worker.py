@@ -1,0 +1,160 @@
+"""Multi-rank checks of the Megatron-Core layer, run with ``torchrun --nproc-per-node 4`` (gloo on CPU).
+
+One launch re-initialises Megatron's parallel state for each layout (the world of 4 ranks stays):
+1. logits parity: tiny Llama / Qwen2 / Qwen3 models against HF transformers at TP1PP1, TP2PP1, TP1PP2, TP2PP2;
+2. training equivalence: 3 AdamW steps (Megatron DDP + distributed optimizer) in fp32 and bf16 at TP2PP2, TP2, PP2,
+   TP2 + sequence parallel and TP1PP1 (data parallel 4), all from the same HF weights;
+3. a checkpoint written by training at TP2PP2, for the caller to export with tools/convert_hf.py and compare with
+   the TP1PP1 run's final weights.
+Rank 0 writes every measured number to the JSON file given as argv[1]; the pytest wrapper asserts on them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_grace.checkpointing import save_checkpoint, unwrap
+from megatron_grace.models import architecture_from_hf_config
+from megatron_grace.models.builder import build_gpt_model, make_transformer_config
+from megatron_grace.models.hf_io import save_hf_model
+from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model, mcore_to_hf
+from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
+from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
+from megatron_grace.schedule import run_microbatches, token_log_probs
+from megatron_grace.testing import FAMILIES, tiny_hf_model
+
+SEQ, GLOBAL_BATCH, STEPS = 16, 8, 3
+
+
+def set_layout(tp: int, pp: int) -> None:
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_everything(1234)
+
+
+def arch_of(hf_model):
+    config = hf_model.config.to_dict()
+    config["architectures"] = [type(hf_model).__name__]
+    return architecture_from_hf_config(config)
+
+
+def build_loaded(hf_model, dtype=torch.float32, sequence_parallel=False):
+    arch = arch_of(hf_model)
+    model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=dtype,
+                                                          sequence_parallel=sequence_parallel))
+    state = {k: v.to(dtype) for k, v in hf_to_mcore(hf_model.state_dict(), arch).items()}
+    load_global_state_into_model(model, state)
+    return model, arch
+
+
+def microbatches_for_this_rank(tokens, loss_mask, micro_batch_size):
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    per_rank = tokens.shape[0] // dp_size
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    positions = torch.arange(tokens.shape[1]).expand(per_rank, -1)
+    local = [(tokens[rows], loss_mask[rows], positions)]
+    out = []
+    for tok, mask, pos in local:
+        for start in range(0, per_rank, micro_batch_size):
+            end = start + micro_batch_size
+            out.append({"tokens": tok[start:end], "position_ids": pos[start:end], "loss_mask": mask[start:end]})
+    return out
+
+
+def logits_parity(results: dict) -> None:
+    tokens = torch.randint(0, 49152, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    for family in FAMILIES:
+        hf_model = tiny_hf_model(family)
+        with torch.no_grad():
+            reference = hf_model(tokens).logits
+        for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            set_layout(tp, pp)
+            model, arch = build_loaded(hf_model)
+            model.eval()
+            gathered = {}
+
+            def keep_logits(batch, logits, hidden):
+                gathered["logits"] = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size]
+                return logits.sum() * 0, torch.tensor(1), {}
+
+            positions = torch.arange(SEQ).expand(2, -1)
+            with torch.no_grad():
+                run_microbatches(model, [{"tokens": tokens, "position_ids": positions}], keep_logits,
+                                 forward_only=True)
+            diff = torch.zeros(())
+            if parallel_state.is_pipeline_last_stage():
+                diff = (gathered["logits"] - reference).abs().max()
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            results.setdefault("logits_max_abs_diff", {})[f"{family}/tp{tp}pp{pp}"] = diff.item()
+
+
+def train_losses(hf_model, tp, pp, dtype, sequence_parallel, tokens, loss_mask, save_dir=None):
+    set_layout(tp, pp)
+    model, arch = build_loaded(hf_model, dtype, sequence_parallel)
+    ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3, weight_decay=0.01, clip_grad=1.0))
+
+    def lm_loss(batch, logits, hidden):
+        log_probs = token_log_probs(logits[:, :-1], batch["tokens"][:, 1:])
+        mask = batch["loss_mask"][:, 1:].float()
+        loss_sum = -(log_probs * mask).sum()
+        count = mask.sum().to(torch.int)
+        return loss_sum, count, {"loss_sum": loss_sum.detach(), "count": count}
+
+    losses = []
+    for _ in range(STEPS):
+        zero_grads(ddp_model, optimizer)
+        out = run_microbatches(ddp_model, microbatches_for_this_rank(tokens, loss_mask, 1), lm_loss,
+                               forward_only=False)
+        applied, grad_norm = optimizer_step(ddp_model, optimizer)
+        total = torch.zeros(2, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+            total[0] = sum(m["loss_sum"].double() for m in out)
+            total[1] = sum(m["count"].double() for m in out)
+        dist.all_reduce(total)
+        losses.append((total[0] / total[1]).item())
+    final_state = None
+    if tp == pp == 1:
+        final_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()
+                       if not k.endswith("_extra_state")}
+    if save_dir is not None:
+        save_checkpoint(save_dir, STEPS, ddp_model, optimizer, arch=arch)
+    return losses, final_state, arch
+
+
+def training_equivalence(results: dict, out_dir: Path) -> None:
+    generator = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 49152, (GLOBAL_BATCH, SEQ), generator=generator)
+    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ, generator=generator) > 0.3).long()  # uneven token counts per row
+    hf_model = tiny_hf_model("qwen2")  # tied embeddings: exercises the embedding all-reduce across PP stages
+    layouts = [(1, 1, False), (2, 2, False), (2, 1, False), (1, 2, False), (2, 1, True)]
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for tp, pp, sp in layouts:
+            save = out_dir / "ckpt_tp2pp2" if (tp, pp, dtype) == (2, 2, torch.float32) else None
+            losses, final_state, arch = train_losses(hf_model, tp, pp, dtype, sp, tokens, loss_mask, save)
+            key = f"tp{tp}pp{pp}" + ("_sp" if sp else "")
+            results.setdefault(f"losses_{name}", {})[key] = losses
+            if final_state is not None and dtype == torch.float32 and dist.get_rank() == 0:
+                save_hf_model(out_dir / "hf_tp1pp1_trained", arch, mcore_to_hf(final_state, arch))
+
+
+def main() -> None:
+    out_path = Path(sys.argv[1])
+    initialize_distributed(ParallelLayout())
+    results: dict = {}
+    logits_parity(results)
+    training_equivalence(results, out_path.parent)
+    if dist.get_rank() == 0:
+        out_path.write_text(json.dumps(results, indent=2))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
