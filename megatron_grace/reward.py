@@ -1,0 +1,64 @@
+"""GRACE rewards for this rank's groups, computed on the last pipeline stage.
+
+The cross-group term compares a group with every other group of the *global* batch, so the pooled embeddings
+(O(B·H) floats, not hidden states) are all-gathered over the data-parallel group; each rank then evaluates the fused
+reward kernel on the global batch and keeps its own rows. Groups are whole on one rank (contiguous data sharding), so
+the gathered rows are already group-major.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .grpo import apply_length_penalty
+from .kernels import grace_rewards
+from .kernels.grace_rewards import REWARD_TERMS
+
+
+@dataclass
+class RewardSettings:
+    mode: str = "supervised"
+    variant: str = "code"
+    temperature: float = 0.1
+    clustering_weight: float = 0.2
+    cross_group_weight: float = 0.2
+    length_penalty: float = -1.0
+
+
+def _all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    group = parallel_state.get_data_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor | None,
+                    truncated: torch.Tensor, group_size: int, settings: RewardSettings) -> dict[str, torch.Tensor]:
+    """Rewards of this rank's main rollouts.
+
+    ``main`` [G·K, H], ``query`` [G, H], ``negatives`` [G, M, H] or None, ``truncated`` [G·K] bool: this rank's rows.
+    Returns float32 [G·K] tensors: ``total`` (length penalty applied) and the raw terms pos/neg/clust/cross.
+    """
+    local_rows = main.shape[0]
+    global_main = _all_gather_data_parallel(main)
+    global_query = _all_gather_data_parallel(query)
+    global_negatives = None
+    if negatives is not None:
+        global_negatives = _all_gather_data_parallel(negatives)
+        if settings.variant == "code":
+            global_negatives = global_negatives[:, 0]
+    terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=settings.mode,
+                          variant=settings.variant, temperature=settings.temperature,
+                          clustering_weight=settings.clustering_weight,
+                          cross_group_weight=settings.cross_group_weight)
+    offset = parallel_state.get_data_parallel_rank() * local_rows
+    local = {name: terms[name][offset: offset + local_rows] for name in REWARD_TERMS}
+    local["total"] = apply_length_penalty(local["total"], truncated.to(local["total"].device),
+                                          settings.length_penalty)
+    return local

@@ -1,0 +1,415 @@
+"""GRACE training on Megatron-Core: ``torchrun ... -m megatron_grace.train [flags]`` (see ``examples/pretrain_grace.sh``).
+
+One GRPO step, top to bottom (:meth:`GraceTrainer.train_step`):
+
+1. data      the next global batch of prompts; this data-parallel rank takes its contiguous slice of groups
+2. rollout   the policy samples ``--rollout-n`` rationales per prompt at T=1.0, plus one query (anchor) rationale and
+             one per negative at T=0.5, all in one batch, on its own TP/PP layout
+3. forward   ONE no-grad forward over prompt ⊕ rationale: old log-probs of the rationale tokens and pooled embeddings
+4. reward    cosine-similarity rewards over the global batch (embeddings all-gathered over DP), length penalty
+5. advantage reward minus the group mean (optionally / std)
+6. update    PPO clipped surrogate with dual clip, token-mean over each mini-batch, one optimizer step per mini-batch
+7. log, sample, checkpoint
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .arguments import parse_args, validate_args
+from .checkpointing import (CheckpointError, load_checkpoint, read_checkpoint_meta, resolve_checkpoint,
+                            save_checkpoint)
+from .data.dataset import load_grace_dataset
+from .data.sampler import GroupSampler
+from .experience import SequenceBatch, one_pass_forward
+from .grpo import ClipSettings, group_advantages, low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
+from .metrics import MetricsLogger, reduce_metrics
+from .models import architecture_from_hf_dir
+from .models.builder import build_gpt_model, make_transformer_config
+from .models.config import ModelArchitecture
+from .models.hf_io import load_hf_state_dict
+from .models.state_dict import hf_to_mcore, load_global_state_into_model
+from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
+from .platform import ParallelLayout, initialize_distributed
+from .reward import RewardSettings, compute_rewards
+from .rollout import RolloutEngine, RolloutRequest, row_seed
+from .schedule import run_microbatches, token_log_probs
+
+
+def log0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def eos_token_ids(hf_dir: Path, tokenizer, arch: ModelArchitecture) -> list[int]:
+    """End-of-response ids: the generation config's (chat models end turns with it), the config's and the
+    tokenizer's."""
+    ids: set[int] = set()
+    generation_config = hf_dir / "generation_config.json"
+    sources = [arch.eos_token_id, tokenizer.eos_token_id]
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if not ids:
+        raise ValueError(f"no EOS token id in {hf_dir} (config, generation_config or tokenizer)")
+    return sorted(ids)
+
+
+class GraceTrainer:
+    def __init__(self, args):
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.hf_dir = Path(args.hf_model) if args.hf_model else self._default_model()
+        self.checkpoint = self._find_checkpoint()
+        self.arch = architecture_from_hf_dir(self.hf_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+        model = self._build_model()
+        if self.checkpoint is None:
+            self._load_hf_weights(model)
+        self.model, self.optimizer = wrap_for_training(model, OptimizerSettings(
+            lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+            clip_grad=args.clip_grad))
+        self.reference = self._reference_model() if args.kl_coef > 0 else None
+
+        self.dataset = load_grace_dataset(args.train_data, self.tokenizer, mode=args.train_mode,
+                                          max_prompt_length=args.max_prompt_length, strict=args.strict_data,
+                                          verbose=dist.get_rank() == 0)
+        self.sampler = GroupSampler(len(self.dataset), args.global_batch_size, args.seed)
+        self.iteration = 0
+        self.optimizer_steps = 0
+        if self.checkpoint is not None:
+            self._resume()
+        self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
+                                    pad_token_id=self.pad_token_id)
+        self.reward_settings = RewardSettings(
+            mode=args.train_mode, variant=args.reward_variant, temperature=args.reward_temperature,
+            clustering_weight=args.clustering_weight, cross_group_weight=args.cross_group_weight,
+            length_penalty=args.length_penalty)
+        self.clip = ClipSettings(args.clip_ratio_low, args.clip_ratio_high, args.clip_ratio_c)
+        self.logger = MetricsLogger(args, is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _default_model(self) -> Path:
+        from .default_model import default_model_dir
+
+        return default_model_dir()
+
+    def _find_checkpoint(self) -> Path | None:
+        if not self.args.load:
+            return None
+        checkpoint = resolve_checkpoint(self.args.load, fallback_to_previous=self.args.fallback_to_previous_checkpoint,
+                                        log=log0)
+        if checkpoint is None:
+            source = self.args.hf_model or "the default model"
+            log0(f"WARNING: --load {self.args.load} holds no checkpoint; starting from {source} "
+                 f"(expected on the first launch)")
+        return checkpoint
+
+    def _build_model(self):
+        config = make_transformer_config(self.arch, params_dtype=self.params_dtype,
+                                         sequence_parallel=self.args.sequence_parallel,
+                                         recompute=self.args.recompute_activations)
+        return build_gpt_model(self.arch, config)
+
+    def _load_hf_weights(self, model) -> None:
+        state = hf_to_mcore(load_hf_state_dict(self.hf_dir), self.arch)
+        load_global_state_into_model(model, {name: t.to(self.params_dtype) for name, t in state.items()})
+
+    def _reference_model(self):
+        reference = self._build_model()
+        self._load_hf_weights(reference)
+        reference.eval()
+        for param in reference.parameters():
+            param.requires_grad_(False)
+        return reference
+
+    def _resume(self) -> None:
+        meta = read_checkpoint_meta(self.checkpoint)
+        with_optimizer = meta["has_optimizer"] and not self.args.no_load_optim
+        meta = load_checkpoint(self.checkpoint, self.model, self.optimizer if with_optimizer else None,
+                               arch=self.arch)
+        run_state = meta.get("run_state", {})
+        if "data" in run_state:
+            self.sampler.load_state_dict(run_state["data"])
+            self.iteration = meta["iteration"]
+            self.optimizer_steps = run_state.get("optimizer_steps", 0)
+        log0(f"resumed from {self.checkpoint} at iteration {self.iteration}"
+             f"{'' if with_optimizer else ' (weights only)'}; data position {self.sampler.state_dict()}")
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        args, timings = self.args, {}
+        n = args.rollout_n
+
+        # 1. data: whole groups per data-parallel rank.
+        global_batch = self.sampler.next_batch()
+        local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
+        examples = [self.dataset[i] for i in local]
+        groups, num_negatives = len(examples), self.dataset.num_negatives
+
+        # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
+        start = time.perf_counter()
+        requests = [RolloutRequest(ex.main.input_ids, args.rollout_temperature,
+                                   row_seed(args.seed, self.iteration, ex.sample_id, k))
+                    for ex in examples for k in range(n)]
+        requests += [RolloutRequest(ex.query.input_ids, args.query_temperature,
+                                    row_seed(args.seed, self.iteration, ex.sample_id, n)) for ex in examples]
+        requests += [RolloutRequest(ex.negatives[m].input_ids, args.query_temperature,
+                                    row_seed(args.seed, self.iteration, ex.sample_id, n + 1 + m))
+                     for m in range(num_negatives) for ex in examples]
+        prompts = ([ex.main for ex in examples for _ in range(n)] + [ex.query for ex in examples]
+                   + [ex.negatives[m] for m in range(num_negatives) for ex in examples])
+        rollouts = self.engine.generate(requests, args.max_response_length)
+        timings["rollout"] = time.perf_counter() - start
+
+        # 3. one no-grad forward: old log-probs + pooled embeddings (last pipeline stage).
+        start = time.perf_counter()
+        length_multiple = parallel_state.get_tensor_model_parallel_world_size() if args.sequence_parallel else 1
+        batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
+                                    length_multiple=length_multiple)
+        experience = one_pass_forward(self.model, batch, args.micro_batch_size)
+        reference_log_probs = (one_pass_forward(self.reference, batch, args.micro_batch_size).old_log_probs
+                               if self.reference is not None else None)
+        timings["forward"] = time.perf_counter() - start
+
+        # 4-5. rewards and advantages for this rank's main rows (last stage; other stages only need shapes).
+        start = time.perf_counter()
+        main_rows = groups * n
+        truncated = torch.tensor([r.truncated for r in rollouts[:main_rows]])
+        rewards = advantages = None
+        if self.is_last_stage:
+            embeddings = experience.embeddings
+            negatives = None
+            if num_negatives:
+                negatives = embeddings[main_rows + groups:].view(num_negatives, groups, -1).transpose(0, 1)
+            rewards = compute_rewards(embeddings[:main_rows], embeddings[main_rows: main_rows + groups], negatives,
+                                      truncated, n, self.reward_settings)
+            advantages = group_advantages(rewards["total"], n, norm_by_std=args.norm_adv_by_std)
+        timings["reward"] = time.perf_counter() - start
+        self.last_sample = (examples[0], rollouts[0], float(rewards["total"][0]) if rewards else None)
+
+        # 6. PPO updates over mini-batches of whole groups.
+        start = time.perf_counter()
+        update = self._update(batch, experience, reference_log_probs, advantages, main_rows)
+        timings["update"] = time.perf_counter() - start
+        self.iteration += 1
+
+        return self._step_metrics(batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
+                                  timings)
+
+    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, main_rows: int) -> dict:
+        args = self.args
+        rows_per_mini_batch = args.ppo_mini_batch_size // self.dp_size * args.rollout_n
+        width = batch.tokens.shape[1] - 1
+        old_log_probs = experience.old_log_probs if self.is_last_stage else torch.zeros(len(batch), width)
+        if advantages is None:
+            advantages = torch.zeros(main_rows)
+        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[:main_rows]}
+        if reference_log_probs is not None:
+            per_row["reference_log_probs"] = (reference_log_probs if self.is_last_stage
+                                              else torch.zeros(len(batch), width))[:main_rows]
+        main = SequenceBatch(batch.tokens[:main_rows], batch.prompt_lengths[:main_rows],
+                             batch.response_lengths[:main_rows], batch.pool_starts[:main_rows])
+        totals: dict[str, float] = {}
+        grad_norms = []
+        for _ in range(args.ppo_epochs):
+            for first in range(0, main_rows, rows_per_mini_batch):
+                rows = slice(first, first + rows_per_mini_batch)
+                mini = SequenceBatch(main.tokens[rows], main.prompt_lengths[rows], main.response_lengths[rows],
+                                     main.pool_starts[rows])
+                micro = mini.microbatches(args.micro_batch_size, **{k: v[rows] for k, v in per_row.items()})
+                self._set_lr()
+                zero_grads(self.model, self.optimizer)
+                outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False)
+                applied, grad_norm = optimizer_step(self.model, self.optimizer)
+                self.optimizer_steps += 1
+                grad_norms.append(float("nan") if grad_norm is None else grad_norm)
+                for out in outputs:
+                    for key, value in out.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+        totals["grad_norm"] = max(grad_norms) if grad_norms else float("nan")
+        return totals
+
+    def _policy_loss(self, micro: dict, logits: torch.Tensor, hidden: torch.Tensor):
+        args = self.args
+        log_probs = token_log_probs(logits[:, :-1], micro["tokens"][:, 1:])
+        mask = (micro["response_mask"] & ~micro["is_filler"].unsqueeze(1)).float()
+        advantages = micro["advantages"].unsqueeze(1).to(log_probs.dtype)
+        losses, clipped, dual_clipped = ppo_clipped_token_losses(log_probs, micro["old_log_probs"], advantages,
+                                                                 self.clip)
+        policy_loss_sum = (losses * mask).sum()
+        loss = policy_loss_sum
+        metrics = {"policy_loss_sum": policy_loss_sum.detach(), "clipped": (clipped.float() * mask).sum(),
+                   "dual_clipped": (dual_clipped.float() * mask).sum()}
+        if "reference_log_probs" in micro:
+            kl_sum = (low_var_kl(log_probs, micro["reference_log_probs"]) * mask).sum()
+            loss = loss + args.kl_coef * kl_sum
+            metrics["kl_sum"] = kl_sum.detach()
+        if args.entropy_coef > 0:
+            entropy_sum = (vocab_parallel_entropy(logits[:, :-1]) * mask).sum()
+            loss = loss - args.entropy_coef * entropy_sum
+            metrics["entropy_sum"] = entropy_sum.detach()
+        num_tokens = mask.sum().to(torch.int)
+        metrics["tokens"] = num_tokens.float()
+        return loss, num_tokens, metrics
+
+    def _set_lr(self) -> None:
+        warmup = self.args.lr_warmup_iters
+        scale = min(1.0, (self.optimizer_steps + 1) / warmup) if warmup > 0 else 1.0
+        set_learning_rate(self.optimizer, self.args.lr * scale)
+
+    def _step_metrics(self, batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
+                      timings) -> dict:
+        """Per-step metrics, reduced over data-parallel ranks on the last stage; returned on every rank."""
+        main_lengths = batch.response_lengths[:main_rows].float()
+        sums = {"main_rows": float(main_rows), "groups": float(groups),
+                "response_length_sum": float(main_lengths.sum()),
+                "query_response_length_sum": float(batch.response_lengths[main_rows: main_rows + groups].sum()),
+                "truncated": float(sum(r.truncated for r in rollouts[:main_rows])),
+                "rollout_tokens": float(batch.response_lengths.sum()), "forward_tokens": float(batch.tokens.numel())}
+        maxima = {"response_length_max": float(main_lengths.max())}
+        if self.is_last_stage:
+            for term, values in rewards.items():
+                sums[f"reward_{term}_sum"] = float(values.sum())
+                sums[f"reward_{term}_sq_sum"] = float((values.double() ** 2).sum())
+            sums["advantage_sum"] = float(advantages.sum())
+            sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
+            maxima["advantage_abs_max"] = float(advantages.abs().max())
+            sampled = torch.zeros_like(experience.old_log_probs[:main_rows])
+            target_mask = batch.response_target_mask()[:main_rows]
+            for row, rollout in enumerate(rollouts[:main_rows]):
+                sampled[row][target_mask[row]] = torch.tensor(rollout.log_probs, dtype=sampled.dtype)
+            sums["logprob_mismatch_sum"] = float(((sampled - experience.old_log_probs[:main_rows]).abs()
+                                                  * target_mask).sum())
+            sums.update({key: value for key, value in update.items() if key != "grad_norm"})
+        metrics = reduce_metrics(sums, maxima, is_contributing=self.is_last_stage)
+        tokens = max(metrics.get("tokens", 0.0), 1.0)
+        main_total = max(metrics["main_rows"], 1.0)
+        result = {
+            "step": self.iteration,
+            "reward_mean": metrics.get("reward_total_sum", float("nan")) / main_total,
+            "reward_std": _std(metrics.get("reward_total_sum"), metrics.get("reward_total_sq_sum"), main_total),
+            "loss": metrics.get("policy_loss_sum", float("nan")) / tokens,
+            "response_length_mean": metrics["response_length_sum"] / main_total,
+            "response_length_max": metrics["response_length_max"],
+            "query_response_length_mean": metrics["query_response_length_sum"] / max(metrics["groups"], 1.0),
+            "truncation_rate": metrics["truncated"] / main_total,
+            "advantage_mean": metrics.get("advantage_sum", float("nan")) / main_total,
+            "advantage_std": _std(metrics.get("advantage_sum"), metrics.get("advantage_sq_sum"), main_total),
+            "advantage_abs_max": metrics.get("advantage_abs_max", float("nan")),
+            "clip_fraction": metrics.get("clipped", float("nan")) / tokens,
+            "dual_clip_fraction": metrics.get("dual_clipped", float("nan")) / tokens,
+            "logprob_mismatch": metrics.get("logprob_mismatch_sum", float("nan")) / tokens,
+            "grad_norm": update["grad_norm"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        for term in ("pos", "neg", "clust", "cross"):
+            result[f"reward_{term}_mean"] = metrics.get(f"reward_{term}_sum", float("nan")) / main_total
+        if self.args.kl_coef > 0:
+            result["kl"] = metrics.get("kl_sum", float("nan")) / tokens
+        if self.args.entropy_coef > 0:
+            result["entropy"] = metrics.get("entropy_sum", float("nan")) / tokens
+        for phase, seconds in timings.items():
+            result[f"time_{phase}_s"] = seconds
+        result["seconds_per_step"] = sum(timings.values())
+        result["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(timings["rollout"], 1e-9)
+        result["forward_tokens_per_s"] = metrics["forward_tokens"] / max(timings["forward"], 1e-9)
+        result["update_tokens_per_s"] = tokens / max(timings["update"], 1e-9)
+        result["peak_memory_gb"] = _peak_memory_gb()
+        return result
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def save(self) -> None:
+        if not self.args.save:
+            return
+        run_state = {"data": self.sampler.state_dict(), "optimizer_steps": self.optimizer_steps,
+                     "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))}}
+        path = save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, arch=self.arch,
+                               run_state=run_state, tokenizer_dir=self.hf_dir)
+        log0(f"saved checkpoint {path}")
+
+    def train(self) -> None:
+        args = self.args
+        log0(f"training {self.hf_dir.name} ({self.arch.family}, {self.arch.num_layers} layers) on "
+             f"{dist.get_world_size()} ranks: TP{args.tensor_model_parallel_size} "
+             f"PP{args.pipeline_model_parallel_size} DP{self.dp_size}; {len(self.dataset)} examples; "
+             f"steps {self.iteration}→{args.train_iters}")
+        self.logger.start(self.iteration, args.train_iters)
+        while self.iteration < args.train_iters:
+            metrics = self.train_step()
+            self.logger.log(metrics)
+            if args.sample_interval and self.iteration % args.sample_interval == 1 % args.sample_interval:
+                self._log_sample()
+            if args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+        if args.save and not (args.save_interval and self.iteration % args.save_interval == 0):
+            self.save()
+        self.logger.finish()
+        if args.export_hf:
+            self._export_hf()
+
+    def _log_sample(self) -> None:
+        """The logging rank's first main rationale of the step, decoded, with its text and reward."""
+        if not self.logger.is_logging_rank:
+            return
+        example, rollout, reward = self.last_sample
+        self.logger.sample({"step": self.iteration, "sample_id": example.sample_id, "text": example.row.main,
+                            "rationale": self.tokenizer.decode(rollout.response, skip_special_tokens=False),
+                            "reward": reward, "truncated": rollout.truncated})
+
+    def _export_hf(self) -> None:
+        if dist.get_rank() == 0:
+            command = [sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"),
+                       "mcore-to-hf", "--load", self.args.save, "--save", self.args.export_hf, "--overwrite"]
+            subprocess.run(command, check=True, env=dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"))
+            print(f"exported the trained policy to {self.args.export_hf}", flush=True)
+        dist.barrier()
+
+
+def _std(total, squares, count) -> float:
+    if total is None or squares is None:
+        return float("nan")
+    return math.sqrt(max(squares / count - (total / count) ** 2, 0.0))
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
+    initialize_distributed(ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                          args.sequence_parallel),
+                           seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+    trainer = GraceTrainer(args)
+    trainer.train()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
