@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# GRACE hyperparameters shared by every config in this folder (sourced by them; not a config on its own).
+#
+# Values from the project's GRACE spec, shared/grace-spec.md ("GRACE", arXiv 2510.04506, and its reference verl code):
+#   batch         64 prompts x 8 rollouts per step; PPO mini-batch 16 prompts (4 optimizer steps per step); 1 epoch
+#   optimizer     AdamW, lr 1e-6 constant, weight decay 0.01, grad clip 1.0, bf16
+#   lengths       max prompt 1024 tokens, max response 2048 tokens (right truncation; a truncated response gets -1)
+#   reward        code variant; tau 0.1; clustering weight (lambda1) 0.2; cross-group weight (lambda2) 0.2
+#   objective     GRPO, advantage = R - group mean (no std division); PPO clip 0.2 / 0.2, dual clip c = 3;
+#                 KL coefficient 0 (no reference model); entropy coefficient 0
+#   sampling      main rollouts T = 1.0; query / anchor / negative rationale T = 0.5
+#   length        ~1000 steps (the paper's curves; "2 epochs" nominal on the 1.5M-row E5 set)
+#
+# Model size, parallel layout, data and output paths are per config; anything here can be overridden by passing the
+# flag again on the command line (the launch scripts put "$@" last and the last occurrence of a flag wins).
+
+# shellcheck disable=SC2034  # read by the config that sources this file
+GRACE_PAPER_ARGS=(
+    # --- batch: prompts, not sequences; each prompt gives --rollout-n trained sequences
+    --global-batch-size 64
+    --rollout-n 8
+    --ppo-mini-batch-size 16
+    --train-iters 1000
+
+    # --- lengths (tokens)
+    --max-prompt-length 1024
+    --max-response-length 2048
+
+    # --- optimizer (no schedule flag: the paper keeps lr constant)
+    --lr 1e-6
+    --weight-decay 0.01
+    --clip-grad 1.0
+    --bf16
+
+    # --- reward: R = (pos + neg)/tau + lambda1 * clust/tau + lambda2 * cross/tau (supervised, code variant)
+    --reward-variant code
+    --reward-temperature 0.1
+    --clustering-weight 0.2
+    --cross-group-weight 0.2
+
+    # --- policy loss: PPO clip with dual clip; no KL, no entropy bonus. --norm-adv-by-std is left off on purpose.
+    --clip-ratio-low 0.2
+    --clip-ratio-high 0.2
+    --clip-ratio-c 3.0
+    --kl-coef 0.0
+    --entropy-coef 0.0
+
+    # --- sampling temperatures
+    --rollout-temperature 1.0
+    --query-temperature 0.5
+
+    # --- bookkeeping
+    --seed 42
+    --log-interval 1
+    --save-interval 100
+    --sample-interval 50
+)

@@ -1,0 +1,44 @@
+# shellcheck shell=bash
+# GRACE, supervised, Qwen2.5-3B-Instruct on one or more 8xH100 nodes.
+#
+# Paper settings (see paper_defaults.sh and shared/grace-spec.md): 64 prompts x 8 rollouts, mini-batch 16 prompts,
+# lr 1e-6 constant, wd 0.01, clip-grad 1.0, bf16, prompt 1024 / response 2048, tau 0.1, lambda1 = lambda2 = 0.2,
+# kl 0, entropy 0, clip 0.2/0.2, dual clip 3, T_query 0.5, T_rollout 1.0, 1000 steps. Paper MTEB: 54.74 (base 44.12).
+#
+# Model: 3B parameters: 36 layers, hidden 2048, 16 heads / 2 KV heads, tied embeddings.
+# Layout: TP2 PP1 with sequence parallel, 4 data-parallel groups per 8-GPU node. TP2 halves the bf16 weights, the fp32
+# gradient buffer and the vocab-parallel logits (a 151k vocabulary x 3072-token sequences) on each GPU, which
+# leaves room for the rollout KV cache of 3072-token sequences; 16 query and 2 KV heads split evenly over 2 ranks.
+# TP1 may also fit with --micro-batch-size 1; measure before switching (it trades memory for TP communication).
+#
+# Override with environment variables: HF_MODEL (Hub id in the local HF cache, or a folder), TRAIN_DATA, SAVE_DIR,
+# WANDB_PROJECT. Data: python tools/prepare_data.py e5.jsonl --mode supervised --hf-model "$HF_MODEL"
+#       --output-dir data/e5
+
+# shellcheck source=SCRIPTDIR/paper_defaults.sh
+source "$(dirname "${BASH_SOURCE[0]}")/paper_defaults.sh"
+
+GRACE_HF_MODEL=${HF_MODEL:-Qwen/Qwen2.5-3B-Instruct}
+GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
+GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-qwen2.5-3b-instruct-sup}
+
+GRACE_ARGS=(
+    "${GRACE_PAPER_ARGS[@]}"
+    --hf-model "$GRACE_HF_MODEL"
+    --train-data "$GRACE_TRAIN_DATA"
+    --train-mode supervised
+
+    --tensor-model-parallel-size 2
+    --pipeline-model-parallel-size 1
+    --sequence-parallel
+    --micro-batch-size 2
+
+    # --load is the save folder itself, so resubmitting the same job resumes from its latest checkpoint.
+    --save "$GRACE_SAVE_DIR"
+    --load "$GRACE_SAVE_DIR"
+    --tensorboard-dir "$GRACE_SAVE_DIR/tensorboard"
+    --export-hf "$GRACE_SAVE_DIR/hf"
+)
+if [[ -n ${WANDB_PROJECT:-} ]]; then
+    GRACE_ARGS+=(--wandb-project "$WANDB_PROJECT")
+fi

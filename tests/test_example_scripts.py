@@ -1,0 +1,146 @@
+"""Launch scripts and paper configs: shell syntax, flags the trainer accepts with the spec's values, SLURM launch line.
+
+No SLURM here: the sbatch script runs against stand-ins for ``scontrol`` and ``srun`` that record their arguments.
+"""
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_grace.arguments import parse_args, validate_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "examples" / "configs"
+SBATCH = REPO / "examples" / "slurm" / "pretrain_grace.sbatch"
+CONFIGS = sorted(path for path in CONFIG_DIR.glob("*.sh") if path.name != "paper_defaults.sh")
+SHELL_SCRIPTS = sorted([*REPO.glob("examples/**/*.sh"), *REPO.glob("examples/**/*.sbatch"), *REPO.glob("*.sh"),
+                        *REPO.glob("tools/**/*.sh"), *REPO.glob("benchmarks/**/*.sh")])
+BASH = shutil.which("bash")
+
+pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+
+
+def config_args(config: Path, **env) -> list[str]:
+    """GRACE_ARGS of a config, sourced under ``set -euo pipefail`` as the launchers do, one element per NUL."""
+    script = 'set -euo pipefail; source "$1"; printf "%s\\0" "${GRACE_ARGS[@]}"'
+    completed = subprocess.run([BASH, "-c", script, "_", str(config)], capture_output=True, cwd=REPO, timeout=30,
+                               env={"PATH": os.environ["PATH"], **env})
+    assert completed.returncode == 0, completed.stderr.decode()
+    return completed.stdout.decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: str(path.relative_to(REPO)))
+def test_shell_syntax(script):
+    completed = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_configs_and_sbatch():
+    scripts = [SBATCH, *sorted(CONFIG_DIR.glob("*.sh"))]
+    completed = subprocess.run(["shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True, cwd=REPO,
+                               timeout=60)
+    assert completed.returncode == 0, completed.stdout
+
+
+def test_all_paper_backbones_have_a_config():
+    names = {path.name for path in CONFIGS}
+    assert {"qwen2.5-1.5b-instruct.sh", "qwen2.5-3b-instruct.sh", "llama-3.2-3b-instruct.sh",
+            "qwen3-4b-instruct-2507.sh", "qwen2.5-1.5b-instruct-unsup.sh"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_config_has_the_spec_values_and_a_valid_layout(config):
+    args = parse_args(config_args(config))
+    # Hyperparameters from grace-spec.md.
+    assert (args.global_batch_size, args.rollout_n, args.ppo_mini_batch_size, args.ppo_epochs) == (64, 8, 16, 1)
+    assert (args.max_prompt_length, args.max_response_length) == (1024, 2048)
+    assert (args.lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad, args.bf16) == (1e-6, 0, 0.01, 1.0, True)
+    assert (args.reward_variant, args.reward_temperature) == ("code", 0.1)
+    assert (args.clustering_weight, args.cross_group_weight) == (0.2, 0.2)
+    assert (args.kl_coef, args.entropy_coef, args.norm_adv_by_std) == (0.0, 0.0, False)
+    assert (args.clip_ratio_low, args.clip_ratio_high, args.clip_ratio_c) == (0.2, 0.2, 3.0)
+    assert (args.query_temperature, args.rollout_temperature) == (0.5, 1.0)
+    assert (args.train_iters, args.save_interval) == (1000, 100)
+    assert args.save == args.load  # rerunning resumes
+    assert args.train_mode == ("unsupervised" if "unsup" in config.name else "supervised")
+    # The layout the README promises: one and two 8-GPU nodes (TP2 configs also four) pass the trainer's checks.
+    nodes = (1, 2, 4) if args.tensor_model_parallel_size == 2 else (1, 2)
+    for node_count in nodes:
+        validate_args(args, world_size=8 * node_count)
+
+
+def test_config_paths_follow_the_environment(tmp_path):
+    argv = config_args(CONFIG_DIR / "qwen2.5-3b-instruct.sh", HF_MODEL="/models/qwen 3b", TRAIN_DATA="/d/t.jsonl",
+                       SAVE_DIR=str(tmp_path / "run dir"), WANDB_PROJECT="grace")
+    args = parse_args(argv)
+    assert args.hf_model == "/models/qwen 3b" and args.train_data == "/d/t.jsonl"
+    assert args.save == args.load == str(tmp_path / "run dir")
+    assert args.export_hf == str(tmp_path / "run dir" / "hf")
+    assert args.wandb_project == "grace"
+    assert "--wandb-project" not in config_args(CONFIG_DIR / "qwen2.5-3b-instruct.sh")
+
+
+def write_stand_in(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def run_sbatch(tmp_path, *extra, **env):
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir(exist_ok=True)
+    # More host names than a pipe buffer holds, so `head -n1` exits while scontrol still writes (SIGPIPE).
+    write_stand_in(stand_ins, "scontrol", 'for i in $(seq -w 1 20000); do echo "gpu-node-$i"; done\n')
+    write_stand_in(stand_ins, "srun", f'printf "%s\\0" "$@" > "{tmp_path}/srun_args"\n')
+    environment = {
+        "PATH": f"{stand_ins}:{os.environ['PATH']}", "HOME": str(tmp_path),
+        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "grace",
+        "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_PER_TASK": "64", "LOG_ROOT": str(tmp_path / "logs"), **env,
+    }
+    return subprocess.run([BASH, str(SBATCH), *extra], capture_output=True, text=True, timeout=60, env=environment)
+
+
+def test_sbatch_launches_one_torchrun_per_node_with_rendezvous(tmp_path):
+    completed = run_sbatch(tmp_path, "--train-iters", "7", "--wandb-exp-name", "my run",
+                           CONFIG="examples/configs/qwen3-4b-instruct-2507.sh", PYTHON="/venv/bin/python")
+    assert completed.returncode == 0, completed.stderr
+    argv = (tmp_path / "srun_args").read_text().split("\0")[:-1]
+    torchrun_at = argv.index("/venv/bin/python")
+    srun_options, torchrun = argv[:torchrun_at], argv[torchrun_at:]
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1"} <= set(srun_options)
+    assert f"--output={tmp_path}/logs/grace-4242/node%n-%N.log" in srun_options
+
+    def value(flag):
+        return torchrun[torchrun.index(flag) + 1]
+
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    assert value("--nnodes") == "2" and value("--nproc-per-node") == "8"
+    assert value("--rdzv-backend") == "c10d" and value("--rdzv-id") == "4242"
+    assert value("--rdzv-endpoint") == f"gpu-node-00001:{20000 + 4242 % 20000}"
+    train_argv = torchrun[torchrun.index("megatron_grace.train") + 1:]
+    assert train_argv[:len(config_args(CONFIG_DIR / "qwen3-4b-instruct-2507.sh"))] == \
+        config_args(CONFIG_DIR / "qwen3-4b-instruct-2507.sh")
+    assert train_argv[-4:] == ["--train-iters", "7", "--wandb-exp-name", "my run"]  # passthrough, last so it wins
+    assert parse_args(train_argv).train_iters == 7
+
+    log_dir = tmp_path / "logs" / "grace-4242"
+    launch = (log_dir / "launch.txt").read_text()
+    assert "rendezvous gpu-node-00001:24242" in launch and "qwen3-4b-instruct-2507.sh" in launch
+    assert (log_dir / "qwen3-4b-instruct-2507.sh").is_file()
+
+
+def test_sbatch_dry_run_and_errors(tmp_path):
+    completed = run_sbatch(tmp_path, DRY_RUN="1")
+    assert completed.returncode == 0, completed.stderr
+    assert not (tmp_path / "srun_args").exists()
+    assert "qwen2.5-1.5b-instruct.sh" in completed.stdout and "--rdzv-backend c10d" in completed.stdout
+
+    missing = run_sbatch(tmp_path, CONFIG="examples/configs/nope.sh")
+    assert missing.returncode == 1 and "config examples/configs/nope.sh not found" in missing.stderr
+    outside = run_sbatch(tmp_path, GRACE_ROOT=str(tmp_path))
+    assert outside.returncode == 1 and "not the megatron-grace repository" in outside.stderr
