@@ -8,14 +8,16 @@
 # Layout: 1.5B parameters (28 layers, hidden 1536, 12 heads / 2 KV heads, tied embeddings) fit one H100 with room
 # for rollout KV cache, so TP1 PP1 and all 8 GPUs of a node are data parallel: fastest, no TP communication.
 #
-# Override with environment variables: HF_MODEL (Hub id in the local HF cache, or a folder), TRAIN_DATA, SAVE_DIR,
+# Model folder (--hf-model takes a local HF folder, not a Hub id), once, where there is internet:
+#   huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir models/Qwen2.5-1.5B-Instruct
+# Override with environment variables: HF_MODEL (the HF folder), TRAIN_DATA, SAVE_DIR,
 # WANDB_PROJECT. Data: python tools/prepare_data.py e5.jsonl --mode supervised --hf-model "$HF_MODEL"
 #       --output-dir data/e5
 
 # shellcheck source=SCRIPTDIR/paper_defaults.sh
 source "$(dirname "${BASH_SOURCE[0]}")/paper_defaults.sh"
 
-GRACE_HF_MODEL=${HF_MODEL:-Qwen/Qwen2.5-1.5B-Instruct}
+GRACE_HF_MODEL=${HF_MODEL:-models/Qwen2.5-1.5B-Instruct}
 GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
 GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-qwen2.5-1.5b-instruct-sup}
 

@@ -11,14 +11,16 @@
 # leaves room for the rollout KV cache of 3072-token sequences; 32 query and 8 KV heads split evenly over 2 ranks.
 # TP1 may also fit with --micro-batch-size 1; measure before switching (it trades memory for TP communication).
 #
-# Override with environment variables: HF_MODEL (Hub id in the local HF cache, or a folder), TRAIN_DATA, SAVE_DIR,
+# Model folder (--hf-model takes a local HF folder, not a Hub id), once, where there is internet:
+#   huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir models/Qwen3-4B-Instruct-2507
+# Override with environment variables: HF_MODEL (the HF folder), TRAIN_DATA, SAVE_DIR,
 # WANDB_PROJECT. Data: python tools/prepare_data.py e5.jsonl --mode supervised --hf-model "$HF_MODEL"
 #       --output-dir data/e5
 
 # shellcheck source=SCRIPTDIR/paper_defaults.sh
 source "$(dirname "${BASH_SOURCE[0]}")/paper_defaults.sh"
 
-GRACE_HF_MODEL=${HF_MODEL:-Qwen/Qwen3-4B-Instruct-2507}
+GRACE_HF_MODEL=${HF_MODEL:-models/Qwen3-4B-Instruct-2507}
 GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
 GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-qwen3-4b-instruct-2507-sup}
 
