@@ -7,6 +7,25 @@ from dataclasses import dataclass
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+
+def _tolerate_missing_step_in_checkpoint() -> None:
+    """With torch's AdamW (no apex/TE fused Adam), Megatron-Core 0.16.1 keeps ``step`` in every parameter's optimizer
+    state, but its fully reshardable checkpoint format stores only the moments (the step travels in param_groups).
+    Loading then looks up ``step`` among the saved tensors and fails; keep the value it already restored instead."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(DistributedOptimizer, "_grace_step_patch", False):
+        return
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        current = self._get_main_param_and_optimizer_states(model_param)
+        original(self, model_param, {**current, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    DistributedOptimizer._grace_step_patch = True
 
 
 @dataclass
@@ -51,10 +70,30 @@ def wrap_for_training(model, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
+    _tolerate_missing_step_in_checkpoint()
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner.init_state_fn = _with_step_counter(inner.init_state_fn)
+        # Eager state (zero moments, step 0: what AdamW creates lazily at its first step) so that a fresh optimizer
+        # can take a checkpoint's state, whose loading starts from this optimizer's own state_dict.
+        inner.init_state_fn(inner.optimizer, inner.config)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp_model.no_sync
     return ddp_model, optimizer
+
+
+def _with_step_counter(init_state_fn):
+    """Megatron's state initialiser (run before loading optimizer state into a fresh optimizer) creates Adam's moments
+    but not torch AdamW's per-parameter ``step``, which the distributed optimizer's state_dict requires when neither
+    apex nor Transformer Engine provides the fused Adam. Add it."""
+
+    def init_state(opt, config=None):
+        init_state_fn(opt, config)
+        for group in opt.param_groups:
+            for param in group["params"]:
+                opt.state[param].setdefault("step", torch.tensor(0.0))
+
+    return init_state
 
 
 def optimizer_step(ddp_model, optimizer) -> tuple[bool, float | None]:

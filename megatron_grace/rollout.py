@@ -59,7 +59,7 @@ def sequence_parallel_disabled(model):
     stage = unwrap(model)
     changed = []
     for module in [stage, *stage.modules()]:
-        for attribute in ("sequence_parallel", "scatter_to_sequence_parallel"):
+        for attribute in ("sequence_parallel", "reduce_scatter_embeddings"):
             if getattr(module, attribute, None) is True:
                 setattr(module, attribute, False)
                 changed.append((module, attribute))

@@ -14,8 +14,13 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
-def tiny_hf_model(family: str, *, vocab_size: int = 49152 + 77, seed: int = 0, eos_token_id: int = 2):
-    """A random ``*ForCausalLM`` of ``family``; norms and biases are perturbed so that mapping mistakes show."""
+def tiny_hf_model(family: str, *, vocab_size: int = 49152 + 77, seed: int = 0, eos_token_id: int = 2,
+                  eos_logit_scale: float = 1.0):
+    """A random ``*ForCausalLM`` of ``family``; norms and biases are perturbed so that mapping mistakes show.
+
+    ``eos_logit_scale`` (untied families) scales the output row of EOS: at ~50 a sampled response ends with EOS after
+    a few tokens in about a third of the rows, so GRPO tests see both finished and truncated responses.
+    """
     import transformers
 
     shape = dict(TINY_SHAPE, vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=1)
@@ -39,6 +44,10 @@ def tiny_hf_model(family: str, *, vocab_size: int = 49152 + 77, seed: int = 0, e
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
+        if eos_logit_scale != 1.0:
+            if config.tie_word_embeddings:
+                raise ValueError("eos_logit_scale needs an untied output layer")
+            model.lm_head.weight[eos_token_id] *= eos_logit_scale
     return model
 
 
