@@ -175,6 +175,8 @@ class GraceEncoder:
                max_new_tokens: int = 2048, temperature: float = 1.0, seed: int = 0, normalize: bool = True,
                show_progress: bool = False) -> np.ndarray:
         """Embed ``texts`` → float32 numpy [N, H]; cached per (model, text, settings), so repeats cost nothing."""
+        if not rationale:  # generation settings cannot change a Base embedding: one cache entry for all of them
+            max_new_tokens, temperature, seed = 0, 0.0, 0
         settings = EncodeSettings(rationale, max_new_tokens, float(temperature), seed, self.pooling, self.layer,
                                   self.max_prompt_tokens)
         keys = [self.cache_key(text, settings) for text in texts]

@@ -148,6 +148,10 @@ def test_cache_is_keyed_by_model_text_and_settings(tiny_llama_dir, tmp_path, mon
     assert len(computed) == 2, "repeated texts come from the cache"
     encoder.encode(TEXTS[:1], max_new_tokens=5)
     assert len(computed) == 3, "other settings are another key"
+    base = encoder.encode(TEXTS[:1], rationale=False, max_new_tokens=4)
+    assert len(computed) == 4
+    np.testing.assert_array_equal(encoder.encode(TEXTS[:1], rationale=False, max_new_tokens=9, seed=5), base)
+    assert len(computed) == 4, "generation settings do not split the Base cache"
 
     from_disk = GraceEncoder.from_pretrained(tiny_llama_dir, device="cpu", cache_dir=tmp_path / "cache")
     monkeypatch.setattr(from_disk, "_embed_prompts", lambda *args: pytest.fail("expected a disk-cache hit"))
