@@ -49,19 +49,30 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to CPU for every torch call made while active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _CUDA_TENSOR_TYPES.get(name, name)
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = _CPU
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
+        # Every torch call of the process passes through here: keep the common path (no kwargs to fix, not one of
+        # the three special methods) to two checks.
+        if kwargs:
+            to_cpu, pinned = _is_cuda_device(kwargs.get("device")), kwargs.get("pin_memory")
+            if to_cpu or pinned:
+                kwargs = dict(kwargs)
+                if to_cpu:
+                    kwargs["device"] = _CPU
+                if pinned:
+                    kwargs["pin_memory"] = False
+        else:
+            kwargs = {}
+        if func in _SPECIAL_METHODS:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return _CUDA_TENSOR_TYPES.get(name, name)
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+_SPECIAL_METHODS = frozenset((torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to))
 
 
 class _InertCudaEvent:
@@ -168,7 +179,7 @@ def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_
         apply_cpu_fallbacks()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if has_cuda() else "gloo"
@@ -215,7 +226,7 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else _CPU
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -40,7 +40,7 @@ from .models.config import ModelArchitecture
 from .models.hf_io import load_hf_state_dict
 from .models.state_dict import hf_to_mcore, load_global_state_into_model
 from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
-from .platform import ParallelLayout, initialize_distributed
+from .platform import ParallelLayout, free_port, initialize_distributed
 from .reward import RewardSettings, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import run_microbatches, token_log_probs
@@ -381,7 +381,9 @@ class GraceTrainer:
         if dist.get_rank() == 0:
             command = [sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"),
                        "mcore-to-hf", "--load", self.args.save, "--save", self.args.export_hf, "--overwrite"]
-            subprocess.run(command, check=True, env=dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"))
+            # A world of one on a port of its own: the training job's rendezvous is still up.
+            env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
+            subprocess.run(command, check=True, env=env)
             print(f"exported the trained policy to {self.args.export_hf}", flush=True)
         dist.barrier()
 
