@@ -41,6 +41,8 @@ from .models.hf_io import load_hf_state_dict
 from .models.state_dict import hf_to_mcore, load_global_state_into_model
 from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
 from .platform import ParallelLayout, free_port, initialize_distributed
+from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, check_finite_weights,
+                          check_save_location, checkpoint_size_estimate, inject_nonfinite)
 from .reward import RewardSettings, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import run_microbatches, token_log_probs
@@ -90,6 +92,9 @@ class GraceTrainer:
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             clip_grad=args.clip_grad))
         self.reference = self._reference_model() if args.kl_coef > 0 else None
+        if args.save:
+            check_save_location(args.save, checkpoint_size_estimate(
+                self.model, parallel_state.get_model_parallel_group()))
 
         self.dataset = load_grace_dataset(args.train_data, self.tokenizer, mode=args.train_mode,
                                           max_prompt_length=args.max_prompt_length, strict=args.strict_data,
@@ -107,6 +112,8 @@ class GraceTrainer:
             length_penalty=args.length_penalty)
         self.clip = ClipSettings(args.clip_ratio_low, args.clip_ratio_high, args.clip_ratio_c)
         self.logger = MetricsLogger(args, is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
+        self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps, log=log0)
+        self.watchdog = StallWatchdog(args.distributed_timeout_minutes)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _default_model(self) -> Path:
@@ -159,7 +166,7 @@ class GraceTrainer:
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         args, timings = self.args, {}
-        n = args.rollout_n
+        n, step = args.rollout_n, self.iteration + 1
 
         # 1. data: whole groups per data-parallel rank.
         global_batch = self.sampler.next_batch()
@@ -168,6 +175,7 @@ class GraceTrainer:
         groups, num_negatives = len(examples), self.dataset.num_negatives
 
         # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
+        self.watchdog.enter("rollout", step)
         start = time.perf_counter()
         requests = [RolloutRequest(ex.main.input_ids, args.rollout_temperature,
                                    row_seed(args.seed, self.iteration, ex.sample_id, k))
@@ -183,6 +191,7 @@ class GraceTrainer:
         timings["rollout"] = time.perf_counter() - start
 
         # 3. one no-grad forward: old log-probs + pooled embeddings (last pipeline stage).
+        self.watchdog.enter("forward", step)
         start = time.perf_counter()
         length_multiple = parallel_state.get_tensor_model_parallel_world_size() if args.sequence_parallel else 1
         batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
@@ -193,6 +202,7 @@ class GraceTrainer:
         timings["forward"] = time.perf_counter() - start
 
         # 4-5. rewards and advantages for this rank's main rows (last stage; other stages only need shapes).
+        self.watchdog.enter("reward", step)
         start = time.perf_counter()
         main_rows = groups * n
         truncated = torch.tensor([r.truncated for r in rollouts[:main_rows]])
@@ -204,18 +214,26 @@ class GraceTrainer:
                 negatives = embeddings[main_rows + groups:].view(num_negatives, groups, -1).transpose(0, 1)
             rewards = compute_rewards(embeddings[:main_rows], embeddings[main_rows: main_rows + groups], negatives,
                                       truncated, n, self.reward_settings)
+            inject_nonfinite("reward", step, rewards["total"])
             advantages = group_advantages(rewards["total"], n, norm_by_std=args.norm_adv_by_std)
         timings["reward"] = time.perf_counter() - start
         self.last_sample = (examples[0], rollouts[0], float(rewards["total"][0]) if rewards else None)
 
-        # 6. PPO updates over mini-batches of whole groups.
+        # 6. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
+        self.watchdog.enter("update", step)
         start = time.perf_counter()
-        update = self._update(batch, experience, reference_log_probs, advantages, main_rows)
+        rewards_finite = self.nonfinite.check(step, "reward", [rewards["total"]] if rewards else [])
+        update = (self._update(batch, experience, reference_log_probs, advantages, main_rows) if rewards_finite
+                  else {"grad_norm": float("nan")})
         timings["update"] = time.perf_counter() - start
         self.iteration += 1
 
-        return self._step_metrics(batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
-                                  timings)
+        metrics = self._step_metrics(batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
+                                     timings)
+        metrics["skipped_updates"] = self.nonfinite.finish_step(step)
+        metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
+        self.watchdog.idle()
+        return metrics
 
     def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, main_rows: int) -> dict:
         args = self.args
@@ -232,6 +250,7 @@ class GraceTrainer:
                              batch.response_lengths[:main_rows], batch.pool_starts[:main_rows])
         totals: dict[str, float] = {}
         grad_norms = []
+        step = self.iteration + 1
         for _ in range(args.ppo_epochs):
             for first in range(0, main_rows, rows_per_mini_batch):
                 rows = slice(first, first + rows_per_mini_batch)
@@ -241,6 +260,12 @@ class GraceTrainer:
                 self._set_lr()
                 zero_grads(self.model, self.optimizer)
                 outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False)
+                inject_nonfinite("grad", step, next(self.model.parameters()).main_grad)
+                # Checked before optimizer.step(), which clips with the grad norm and applies the update in one call.
+                if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
+                        and self.nonfinite.check_gradients(step, self.model)):
+                    grad_norms.append(float("nan"))
+                    continue
                 applied, grad_norm = optimizer_step(self.model, self.optimizer)
                 self.optimizer_steps += 1
                 grad_norms.append(float("nan") if grad_norm is None else grad_norm)
@@ -258,6 +283,7 @@ class GraceTrainer:
         losses, clipped, dual_clipped = ppo_clipped_token_losses(log_probs, micro["old_log_probs"], advantages,
                                                                  self.clip)
         policy_loss_sum = (losses * mask).sum()
+        inject_nonfinite("loss", self.iteration + 1, policy_loss_sum)
         loss = policy_loss_sum
         metrics = {"policy_loss_sum": policy_loss_sum.detach(), "clipped": (clipped.float() * mask).sum(),
                    "dual_clipped": (dual_clipped.float() * mask).sum()}
@@ -342,10 +368,13 @@ class GraceTrainer:
     def save(self) -> None:
         if not self.args.save:
             return
+        self.watchdog.enter("save", self.iteration)
+        check_finite_weights(self.model, self.iteration)
         run_state = {"data": self.sampler.state_dict(), "optimizer_steps": self.optimizer_steps,
                      "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (int, float, str, bool))}}
         path = save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, arch=self.arch,
                                run_state=run_state, tokenizer_dir=self.hf_dir)
+        self.watchdog.idle()
         log0(f"saved checkpoint {path}")
 
     def train(self) -> None:
@@ -381,8 +410,10 @@ class GraceTrainer:
         if dist.get_rank() == 0:
             command = [sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"),
                        "mcore-to-hf", "--load", self.args.save, "--save", self.args.export_hf, "--overwrite"]
-            # A world of one on a port of its own: the training job's rendezvous is still up.
-            env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
+            # A world of one on a port of its own, outside torchrun's agent store: the training job's rendezvous is
+            # still up and would otherwise be joined.
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))}
+            env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_PORT=str(free_port()))
             subprocess.run(command, check=True, env=env)
             print(f"exported the trained policy to {self.args.export_hf}", flush=True)
         dist.barrier()
@@ -404,6 +435,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
+    check_before_launch(args)
     initialize_distributed(ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                           args.sequence_parallel),
                            seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
