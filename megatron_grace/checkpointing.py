@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .models.config import ModelArchitecture
+from .reliability import save_fault_point
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "grace_checkpoint.json"
@@ -125,12 +126,30 @@ def model_sharded_state_dict(model) -> dict:
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None, *, arch: ModelArchitecture,
                     run_state: dict | None = None, rank_state: dict | None = None,
                     tokenizer_dir: str | Path | None = None) -> Path:
-    """Save on every rank (collective). Returns the final checkpoint folder."""
-    from megatron.core import dist_checkpointing
+    """Save on every rank (collective). Returns the final checkpoint folder.
 
+    A write error (disk full, permissions) removes the partial folder and raises :class:`CheckpointError` saying
+    which checkpoint stays the latest: the previous one is never touched before the new one is complete."""
     save_dir = Path(save_dir)
     final_dir = iteration_dir(save_dir, iteration)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+    try:
+        _write_checkpoint(save_dir, iteration, final_dir, tmp_dir, model, optimizer, arch=arch, run_state=run_state,
+                          rank_state=rank_state, tokenizer_dir=tokenizer_dir)
+    except OSError as error:
+        if _rank() == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        previous = read_latest_iteration(save_dir)
+        kept = (f"iteration {previous} stays the latest checkpoint" if previous is not None
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"saving {final_dir} failed on rank {_rank()}: {error}; {kept}") from error
+    return final_dir
+
+
+def _write_checkpoint(save_dir: Path, iteration: int, final_dir: Path, tmp_dir: Path, model, optimizer, *,
+                      arch: ModelArchitecture, run_state, rank_state, tokenizer_dir) -> None:
+    from megatron.core import dist_checkpointing
+
     if _rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp_dir.exists():
@@ -144,6 +163,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None,
     # After the dist_checkpointing save, which expects an empty folder.
     (tmp_dir / "rank_states").mkdir(exist_ok=True)
     torch.save(rank_state or {}, tmp_dir / "rank_states" / f"rank_{_rank():05d}.pt")
+    save_fault_point(iteration)
     _barrier()
     if _rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "architecture": arch.to_dict(),
@@ -159,7 +179,6 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None,
         os.replace(tmp_dir, final_dir)
         _atomic_write_text(save_dir / LATEST_FILE, str(iteration))
     _barrier()
-    return final_dir
 
 
 def read_checkpoint_meta(checkpoint_dir: str | Path) -> dict:
