@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from .data.prompts import Prompt
 from .kernels import all_reduce_masked_mean, masked_mean_pool, masked_sum_pool_partial
 from .rollout import Rollout
-from .schedule import run_microbatches, token_log_probs
+from .schedule import run_microbatches
 
 
 @dataclass
@@ -99,11 +99,11 @@ class Experience:
 
 @torch.no_grad()
 def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int) -> Experience:
-    def collect(micro, logits, hidden):
-        log_probs = token_log_probs(logits[:, :-1], micro["tokens"][:, 1:]) * micro["response_mask"]
-        pooled = pool_hidden(hidden, micro["pool_mask"])
+    def collect(micro, output):
+        log_probs = output.log_probs * micro["response_mask"]
+        pooled = pool_hidden(output.hidden, micro["pool_mask"])
         keep = ~micro["is_filler"]
-        return logits.new_zeros(()), torch.tensor(1), {"log_probs": log_probs[keep], "pooled": pooled[keep]}
+        return log_probs.new_zeros(()), torch.tensor(1), {"log_probs": log_probs[keep], "pooled": pooled[keep]}
 
     model.eval()
     outputs = run_microbatches(model, batch.microbatches(micro_batch_size), collect, forward_only=True)

@@ -1,14 +1,20 @@
 """Run a model stage over micro-batches with Megatron-Core's pipeline schedules (any PP size, forward-only or
 forward+backward), capturing the final-norm hidden states on the last stage for pooling.
 
-``loss_fn(batch, logits, hidden)`` runs on the last pipeline stage only, once per micro-batch, with
-* ``logits``: [B, S, V/TP] vocabulary-parallel logits (padded vocabulary rows masked to -inf),
-* ``hidden``: the decoder's output after the final norm, [S, B, H] (or [S/TP, B, H] under sequence parallel).
+``loss_fn(batch, output)`` runs on the last pipeline stage only, once per micro-batch, with a :class:`StageOutput`:
+* ``log_probs`` [B, S-1]: log p(tokens[:, t+1] | tokens[:, :t+1]), computed vocabulary-parallel;
+* ``hidden``: the decoder's output after the final norm, [S, B, H] (or [S/TP, B, H] under sequence parallel);
+* ``logits`` [B, S, V/TP] (padded vocabulary rows masked to -inf), only with ``need_logits=True``.
 It returns ``(loss_sum, num_tokens, metrics)``: the schedule scales gradients by the global token count (see
 :mod:`megatron_grace.optim`); metrics (any tensors) are returned per micro-batch on the last stage.
+
+Log-probs come from Megatron's own loss path (``labels=``): cross-entropy on the [S, B, V/TP] logits, without
+materialising the [B, S, V] transposed copy. That path cannot mask padded vocabulary rows, so models whose vocabulary
+was padded for TP (and callers that need the logits) take the logits path instead.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -20,10 +26,19 @@ from .checkpointing import unwrap
 from .models.builder import mask_padded_vocab
 
 
-def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forward_only: bool) -> list[dict]:
+@dataclass
+class StageOutput:
+    log_probs: torch.Tensor
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forward_only: bool,
+                     need_logits: bool = False) -> list[dict]:
     """Each micro-batch holds ``tokens`` [B, S] and ``position_ids`` [B, S]; all share one [B, S] shape."""
     stage = unwrap(model)
-    vocab_size = stage.arch.vocab_size
+    arch = stage.arch
+    use_labels = not need_logits and arch.padded_vocab_size == arch.vocab_size
     seq_length = microbatches[0]["tokens"].shape[1]
     micro_batch_size = microbatches[0]["tokens"].shape[0]
     captured: dict[str, torch.Tensor] = {}
@@ -33,12 +48,19 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
 
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
-        output = model_chunk(batch["tokens"], batch["position_ids"], None)
+        # Position t predicts token t+1; the last position's label is a placeholder, dropped below.
+        labels = torch.roll(batch["tokens"], -1, dims=1) if use_labels else None
+        output = model_chunk(batch["tokens"], batch["position_ids"], None, labels=labels)
         # The schedule calls the loss function on the last pipeline stage only.
-        return output, partial(_finish, batch)
+        return output, partial(finish, batch)
 
-    def _finish(batch, logits):
-        return loss_fn(batch, mask_padded_vocab(logits, vocab_size), captured.pop("hidden"))
+    def finish(batch, output):
+        hidden = captured.pop("hidden")
+        if use_labels:  # output: per-token cross-entropy [B, S]
+            return loss_fn(batch, StageOutput(log_probs=-output[:, :-1], hidden=hidden))
+        logits = mask_padded_vocab(output, arch.vocab_size)
+        log_probs = token_log_probs(logits[:, :-1], batch["tokens"][:, 1:])
+        return loss_fn(batch, StageOutput(log_probs=log_probs, hidden=hidden, logits=logits))
 
     handle = stage.decoder.register_forward_hook(capture_hidden) if parallel_state.is_pipeline_last_stage() else None
     try:

@@ -45,7 +45,7 @@ from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, ch
                           check_save_location, checkpoint_size_estimate, inject_nonfinite)
 from .reward import RewardSettings, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
-from .schedule import run_microbatches, token_log_probs
+from .schedule import StageOutput, run_microbatches
 
 
 def log0(message: str) -> None:
@@ -259,7 +259,8 @@ class GraceTrainer:
                 micro = mini.microbatches(args.micro_batch_size, **{k: v[rows] for k, v in per_row.items()})
                 self._set_lr()
                 zero_grads(self.model, self.optimizer)
-                outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False)
+                outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False,
+                                           need_logits=args.entropy_coef > 0)
                 inject_nonfinite("grad", step, next(self.model.parameters()).main_grad)
                 # Checked before optimizer.step(), which clips with the grad norm and applies the update in one call.
                 if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
@@ -275,9 +276,9 @@ class GraceTrainer:
         totals["grad_norm"] = max(grad_norms) if grad_norms else float("nan")
         return totals
 
-    def _policy_loss(self, micro: dict, logits: torch.Tensor, hidden: torch.Tensor):
+    def _policy_loss(self, micro: dict, output: StageOutput):
         args = self.args
-        log_probs = token_log_probs(logits[:, :-1], micro["tokens"][:, 1:])
+        log_probs = output.log_probs
         mask = (micro["response_mask"] & ~micro["is_filler"].unsqueeze(1)).float()
         advantages = micro["advantages"].unsqueeze(1).to(log_probs.dtype)
         losses, clipped, dual_clipped = ppo_clipped_token_losses(log_probs, micro["old_log_probs"], advantages,
@@ -292,7 +293,7 @@ class GraceTrainer:
             loss = loss + args.kl_coef * kl_sum
             metrics["kl_sum"] = kl_sum.detach()
         if args.entropy_coef > 0:
-            entropy_sum = (vocab_parallel_entropy(logits[:, :-1]) * mask).sum()
+            entropy_sum = (vocab_parallel_entropy(output.logits[:, :-1]) * mask).sum()
             loss = loss - args.entropy_coef * entropy_sum
             metrics["entropy_sum"] = entropy_sum.detach()
         num_tokens = mask.sum().to(torch.int)

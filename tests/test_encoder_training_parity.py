@@ -1,5 +1,6 @@
 """The inference-time encoder embeds exactly like training: for the same tokens, GraceEncoder's pooled embedding
 (HF transformers forward) equals the pooled embedding of the Megatron one-pass forward (fp32, ≤ 1e-5 absolute)."""
+import pytest
 import torch
 
 from megatron_grace.data.prompts import PromptBuilder
@@ -14,8 +15,10 @@ from megatron_grace.rollout import Rollout
 from megatron_grace.testing import save_tiny_hf_model
 
 
-def test_encoder_pooling_equals_training_pooling(tmp_path, smollm2_tokenizer_dir):
-    hf_dir = save_tiny_hf_model("qwen3", tmp_path / "tiny", smollm2_tokenizer_dir)
+# 49152: the tokenizer's vocabulary (log-probs through Megatron's labels= path); 49229: padded for TP (logits path).
+@pytest.mark.parametrize("vocab_size", [49152, 49229])
+def test_encoder_pooling_equals_training_pooling(tmp_path, smollm2_tokenizer_dir, vocab_size):
+    hf_dir = save_tiny_hf_model("qwen3", tmp_path / "tiny", smollm2_tokenizer_dir, vocab_size=vocab_size)
     encoder = GraceEncoder.from_pretrained(hf_dir, device="cpu", dtype=torch.float32)
     builder = PromptBuilder(encoder.tokenizer)
     prompts = [builder.build(text) for text in ("a short text", "a somewhat longer text about graphs and trees")]

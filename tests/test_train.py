@@ -21,7 +21,8 @@ EXACT_KEYS = ("step", "response_length_mean", "response_length_max", "query_resp
 @pytest.fixture(scope="module")
 def train_results(tmp_path_factory, smollm2_tokenizer_dir):
     work = tmp_path_factory.mktemp("train")
-    model = save_tiny_hf_model("qwen3", work / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0)
+    # The tokenizer's exact vocabulary (no TP padding), as real models have: log-probs take the labels= path.
+    model = save_tiny_hf_model("qwen3", work / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0, vocab_size=49152)
     supervised = work / "supervised.jsonl"
     supervised.write_text("".join((DATA / "train_supervised.jsonl").read_text().splitlines(True)[:32]))
     unsupervised = work / "unsupervised.txt"

@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..platform import has_cuda
 from .config import ModelArchitecture
+from . import rope
 from .layers import RMSNorm, SDPAttention
 
 
@@ -38,6 +39,8 @@ def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtyp
     arch.check_pipeline_parallel(pp)
     if sequence_parallel and tp == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if not transformer_engine_available():
+        rope.install()  # cached-cos/sin RoPE behind Megatron's fused-RoPE switch below
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -59,7 +62,7 @@ def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtyp
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=True,
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

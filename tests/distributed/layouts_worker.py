@@ -26,7 +26,7 @@ from megatron_grace.models.hf_io import save_hf_model
 from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model, mcore_to_hf
 from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
-from megatron_grace.schedule import run_microbatches, token_log_probs
+from megatron_grace.schedule import run_microbatches
 from megatron_grace.testing import FAMILIES, tiny_hf_model
 
 SEQ, GLOBAL_BATCH, STEPS = 16, 8, 3
@@ -80,14 +80,14 @@ def logits_parity(results: dict) -> None:
             model.eval()
             gathered = {}
 
-            def keep_logits(batch, logits, hidden):
-                gathered["logits"] = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size]
-                return logits.sum() * 0, torch.tensor(1), {}
+            def keep_logits(batch, output):
+                gathered["logits"] = gather_from_tensor_model_parallel_region(output.logits)[..., : arch.vocab_size]
+                return output.logits.sum() * 0, torch.tensor(1), {}
 
             positions = torch.arange(SEQ).expand(2, -1)
             with torch.no_grad():
                 run_microbatches(model, [{"tokens": tokens, "position_ids": positions}], keep_logits,
-                                 forward_only=True)
+                                 forward_only=True, need_logits=True)
             diff = torch.zeros(())
             if parallel_state.is_pipeline_last_stage():
                 diff = (gathered["logits"] - reference).abs().max()
@@ -100,8 +100,8 @@ def train_losses(hf_model, tp, pp, dtype, sequence_parallel, tokens, loss_mask, 
     model, arch = build_loaded(hf_model, dtype, sequence_parallel)
     ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3, weight_decay=0.01, clip_grad=1.0))
 
-    def lm_loss(batch, logits, hidden):
-        log_probs = token_log_probs(logits[:, :-1], batch["tokens"][:, 1:])
+    def lm_loss(batch, output):
+        log_probs = output.log_probs
         mask = batch["loss_mask"][:, 1:].float()
         loss_sum = -(log_probs * mask).sum()
         count = mask.sum().to(torch.int)

@@ -1,0 +1,49 @@
+"""Rotary position embedding for the local (non-Transformer-Engine) spec, registered as Megatron-Core's "fused" RoPE.
+
+Megatron-Core's unfused RoPE recomputes cos/sin of the rotary frequencies for the queries and the keys of every layer
+(60 times per forward for a 30-layer model) and rotates with a chunk/negate/concatenate sequence; in token-by-token
+generation those small ops dominate a layer. This version computes cos/sin once per frequency tensor (every layer of
+a forward receives the same one) and rotates in one expression. Without Transformer Engine, Megatron's fused-RoPE hook
+is empty; :func:`install` fills it, so ``apply_rope_fusion=True`` routes the standard call sites here. The arithmetic
+per element is Megatron's own (t·cos + rotate_half(t)·sin), so results are bit-identical to the unfused path.
+"""
+from __future__ import annotations
+
+import torch
+
+# (key, frequency tensor, cos, sin). Holding the frequency tensor keeps its storage alive, so its data pointer cannot be
+# reused by another tensor while the entry is cached.
+_cache: tuple | None = None
+
+
+def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    global _cache
+    # Inference-mode tensors have no version counter (and Megatron never writes its frequencies in place).
+    version = -1 if freqs.is_inference() else freqs._version
+    key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), version, freqs.dtype, dtype)
+    if _cache is None or _cache[0] != key:
+        # Megatron's frequencies are [f, f] (non-interleaved): one half determines both.
+        half = freqs[..., : freqs.shape[-1] // 2]
+        _cache = (key, freqs, torch.cos(half).to(dtype), torch.sin(half).to(dtype))
+    return _cache[2], _cache[3]
+
+
+def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused) -> torch.Tensor:
+    """Rotate ``t`` [s, b, heads, dim] by ``freqs`` [s, 1, 1, rot_dim] (rot_dim ≤ dim; the rest passes through)."""
+    if interleaved:
+        raise NotImplementedError("interleaved rotary embeddings are not used by the supported model families")
+    cos, sin = _cos_sin(freqs, t.dtype)
+    rot = freqs.shape[-1]
+    first, second = t[..., : rot // 2], t[..., rot // 2: rot]
+    parts = [first * cos - second * sin, second * cos + first * sin]
+    if t.shape[-1] > rot:
+        parts.append(t[..., rot:])
+    return torch.cat(parts, dim=-1)
+
+
+def install() -> None:
+    """Use :func:`apply_rotary_cached` as Megatron-Core's fused RoPE (only where Transformer Engine is absent)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = apply_rotary_cached
