@@ -24,6 +24,8 @@ GRACE_HF_MODEL=${HF_MODEL:-models/Llama-3.2-3B-Instruct}
 GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
 GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-llama-3.2-3b-instruct-sup}
 
+grace_run_dir_args "$GRACE_SAVE_DIR"
+# shellcheck disable=SC2034  # read by the launcher that sources this file
 GRACE_ARGS=(
     "${GRACE_PAPER_ARGS[@]}"
     --hf-model "$GRACE_HF_MODEL"
@@ -35,12 +37,5 @@ GRACE_ARGS=(
     --sequence-parallel
     --micro-batch-size 2
 
-    # --load is the save folder itself, so resubmitting the same job resumes from its latest checkpoint.
-    --save "$GRACE_SAVE_DIR"
-    --load "$GRACE_SAVE_DIR"
-    --tensorboard-dir "$GRACE_SAVE_DIR/tensorboard"
-    --export-hf "$GRACE_SAVE_DIR/hf"
+    "${GRACE_RUN_DIR_ARGS[@]}"
 )
-if [[ -n ${WANDB_PROJECT:-} ]]; then
-    GRACE_ARGS+=(--wandb-project "$WANDB_PROJECT")
-fi

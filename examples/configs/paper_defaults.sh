@@ -55,3 +55,18 @@ GRACE_PAPER_ARGS=(
     --save-interval 100
     --sample-interval 50
 )
+
+# Run-directory flags of every config. --load is the save folder itself, so resubmitting the same job resumes from
+# its latest checkpoint; WANDB_PROJECT, when set, adds wandb logging.
+grace_run_dir_args() {
+    local save_dir=$1
+    GRACE_RUN_DIR_ARGS=(
+        --save "$save_dir"
+        --load "$save_dir"
+        --tensorboard-dir "$save_dir/tensorboard"
+        --export-hf "$save_dir/hf"
+    )
+    if [[ -n ${WANDB_PROJECT:-} ]]; then
+        GRACE_RUN_DIR_ARGS+=(--wandb-project "$WANDB_PROJECT")
+    fi
+}
