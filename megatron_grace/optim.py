@@ -10,22 +10,36 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 
-def _tolerate_missing_step_in_checkpoint() -> None:
-    """With torch's AdamW (no apex/TE fused Adam), Megatron-Core 0.16.1 keeps ``step`` in every parameter's optimizer
-    state, but its fully reshardable checkpoint format stores only the moments (the step travels in param_groups).
-    Loading then looks up ``step`` among the saved tensors and fails; keep the value it already restored instead."""
+def _fix_torch_adamw_checkpoint_loading() -> None:
+    """Two defects of Megatron-Core 0.16.1's distributed optimizer with torch's AdamW (no apex/TE fused Adam), where
+    every parameter's optimizer state carries its own ``step`` tensor:
+
+    * the fully reshardable checkpoint format stores only the moments (the step travels in param_groups), and loading
+      then looks up ``step`` among the saved tensors and fails: keep the value already restored instead;
+    * loading restores ``step`` as ONE tensor shared by all parameters; AdamW increments it in place once per
+      parameter, so after a resume the bias correction runs far ahead and the first update differs from an
+      uninterrupted run: give every parameter its own copy.
+    """
     from megatron.core.optimizer import distrib_optimizer
 
-    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(DistributedOptimizer, "_grace_step_patch", False):
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(DistributedOptimizer, "_grace_adamw_patch", False):
         return
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    original_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    original_load_state_dict = DistributedOptimizer.load_state_dict
 
     def set_states(self, model_param, tensors):
         current = self._get_main_param_and_optimizer_states(model_param)
-        original(self, model_param, {**current, **tensors})
+        original_set_states(self, model_param, {**current, **tensors})
+
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
-    DistributedOptimizer._grace_step_patch = True
+    DistributedOptimizer.load_state_dict = load_state_dict
+    DistributedOptimizer._grace_adamw_patch = True
 
 
 @dataclass
@@ -70,7 +84,7 @@ def wrap_for_training(model, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
-    _tolerate_missing_step_in_checkpoint()
+    _fix_torch_adamw_checkpoint_loading()
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner.init_state_fn = _with_step_counter(inner.init_state_fn)
         # Eager state (zero moments, step 0: what AdamW creates lazily at its first step) so that a fresh optimizer
