@@ -415,10 +415,14 @@ def summary_markdown(summary: dict, header_lines: list[str] = ()) -> str:
     for category in categories:
         lines.append(row([f"{category} (mean of {sum(t == category for t in task_types.values())})"] +
                          [score(summary[l]["categories"].get(category)) for l in labels]))
-    lines.append(row(["**dataset-weighted mean** (every task once)"] +
-                     [f"**{score(summary[l]['dataset_weighted_mean'])}**" for l in labels]))
-    lines.append(row(["**category mean** (every category once)"] +
-                     [f"**{score(summary[l]['category_mean'])}**" for l in labels]))
+    def mean(label, key):
+        # A run that lacks some tasks averages over others: say so, or its mean reads as comparable.
+        missing = len(task_types) - len(summary[label]["tasks"])
+        coverage = f" ({len(summary[label]['tasks'])} of {len(task_types)} tasks)" if missing else ""
+        return f"**{score(summary[label][key])}**{coverage}"
+
+    lines.append(row(["**dataset-weighted mean** (every task once)"] + [mean(l, "dataset_weighted_mean") for l in labels]))
+    lines.append(row(["**category mean** (every category once)"] + [mean(l, "category_mean") for l in labels]))
     return "\n".join(lines) + "\n"
 
 
