@@ -8,8 +8,9 @@ Forward passes are counted with a hook on the decoder: passes with a KV-cache in
 (reported separately); the rest are full-sequence forwards. The reference GRACE code runs five per rollout batch
 (rollout log-probs, old log-probs, reference log-probs, and one hidden-state pass each for main and query/negative
 sequences); here the target is one no-grad forward plus the update's forward-backward per mini-batch.
-The rollout comparison generates exactly ``--max-new-tokens`` tokens per row on both sides (EOS disabled), so the
-ratio compares equal work. Run single-process (world of one) on CPU or one GPU.
+The rollout comparison generates exactly ``--max-response-length`` tokens per row on both sides (EOS disabled), so
+the ratio compares equal work, for the rows of a GRACE rollout batch (prompts repeated per group) and for as many
+distinct prompts. Run single-process (world of one) on CPU or one GPU.
 """
 from __future__ import annotations
 
@@ -64,18 +65,18 @@ def measure_steps(trainer, steps: int) -> dict:
     return summary
 
 
-def rollout_comparison(trainer, hf_dir: Path, batch_size: int, max_new_tokens: int, repeats: int) -> dict:
+def rollout_comparison(trainer, hf_dir: Path, prompts: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
+    """Generation tokens/s of the rollout engine and of HF ``generate`` on the same rows (EOS disabled on both)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
 
-    prompts = [trainer.dataset[i].main.input_ids for i in range(batch_size)]
     engine = RolloutEngine(trainer.model, eos_token_ids=[], pad_token_id=trainer.pad_token_id)
     requests = [RolloutRequest(p, 1.0, row_seed(0, 0, i, 0)) for i, p in enumerate(prompts)]
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=trainer.params_dtype).eval()
     width = max(map(len, prompts))
-    input_ids = torch.full((batch_size, width), trainer.pad_token_id)
-    attention_mask = torch.zeros(batch_size, width, dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), trainer.pad_token_id)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):  # left padding, as HF generation expects
         input_ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt):] = 1
@@ -96,10 +97,10 @@ def rollout_comparison(trainer, hf_dir: Path, batch_size: int, max_new_tokens: i
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)
-    tokens = batch_size * max_new_tokens
-    return {"rollout_batch_size": batch_size, "max_new_tokens": max_new_tokens,
-            "megatron_rollout_tokens_per_s": tokens / best["megatron"], "hf_generate_tokens_per_s": tokens / best["hf"],
-            "rollout_speed_ratio": best["hf"] / best["megatron"]}
+    tokens = len(prompts) * max_new_tokens
+    return {"rows": len(prompts), "max_new_tokens": max_new_tokens,
+            "megatron_tokens_per_s": tokens / best["megatron"], "hf_generate_tokens_per_s": tokens / best["hf"],
+            "ratio": best["hf"] / best["megatron"]}
 
 
 def main() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=4)
     parser.add_argument("--rollout-n", type=int, default=4)
     parser.add_argument("--max-response-length", type=int, default=32)
-    parser.add_argument("--rollout-batch-size", type=int, default=16)
+    parser.add_argument("--rollout-prompts", type=int, default=2, help="prompts in the rollout comparison batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output", default="bench_step.json")
@@ -130,10 +131,18 @@ def main() -> None:
     result = {"model": hf_dir.name, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(trainer.params_dtype)}
     result.update(measure_steps(trainer, cli.steps))
-    result.update(rollout_comparison(trainer, hf_dir, cli.rollout_batch_size, cli.max_response_length, cli.repeats))
-    print(f"{'metric':45s} value")
+    # The rows of a GRACE rollout batch (each main prompt --rollout-n times, then its query and negative prompts),
+    # and as many distinct prompts: the engine prefills a prompt once per group, HF generate once per row.
+    examples = [trainer.dataset[i] for i in range(cli.rollout_prompts)]
+    grace_rows = ([ex.main.input_ids for ex in examples for _ in range(cli.rollout_n)]
+                  + [ex.query.input_ids for ex in examples] + [ex.negatives[0].input_ids for ex in examples])
+    distinct_rows = [trainer.dataset[i].main.input_ids for i in range(len(grace_rows))]
+    for name, rows in (("rollout_grace_batch", grace_rows), ("rollout_distinct_prompts", distinct_rows)):
+        measured = rollout_comparison(trainer, hf_dir, rows, cli.max_response_length, cli.repeats)
+        result.update({f"{name}_{key}": value for key, value in measured.items()})
+    print(f"{'metric':55s} value")
     for key, value in result.items():
-        print(f"{key:45s} {value:.3f}" if isinstance(value, float) else f"{key:45s} {value}")
+        print(f"{key:55s} {value:.3f}" if isinstance(value, float) else f"{key:55s} {value}")
     Path(cli.output).write_text(json.dumps(result, indent=2))
 
 

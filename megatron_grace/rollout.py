@@ -6,7 +6,8 @@ KV cache. No second copy of the weights exists and nothing is synchronised. On t
 loop written for GRPO, which is what Megatron-Core's generic text-generation controller does not give cheaply:
 
 * one left-padded prefill for the whole batch (prompts of different lengths do not decode token by token; RoPE
-  scores depend on relative positions only, so the left shift does not change the attention);
+  scores depend on relative positions only, so the left shift does not change the attention), of each distinct
+  prompt once: the ``--rollout-n`` rows of a group share the prompt's KV cache;
 * a temperature per row, so the T=1.0 main rollouts and the T=0.5 query/negative rationales share one batch;
 * sampling noise from a generator per row seeded by ``(seed, step, sample id, rollout index)``: the tokens of a row do
   not depend on batch composition, data-parallel size or resume point;
@@ -106,14 +107,31 @@ class RolloutEngine:
         lengths = torch.zeros(batch, dtype=torch.long)
         log_probs = torch.zeros(batch, max_new_tokens)
 
+        # GRPO repeats each prompt --rollout-n times: prefill every distinct prompt once, then copy its KV cache (and
+        # last logits) to the rows that share it.
+        distinct: dict[tuple[int, ...], int] = {}
+        first_rows = []
+        for row, request in enumerate(requests):
+            if tuple(request.prompt) not in distinct:
+                distinct[tuple(request.prompt)] = len(first_rows)
+                first_rows.append(row)
+        source = torch.tensor([distinct[tuple(r.prompt)] for r in requests])
+        prefill_input = {name: value[torch.tensor(first_rows)] for name, value in inference_input.items()}
+
         wrapper = self._wrapper(batch, total)
         with sequence_parallel_disabled(self.model):
             wrapper.prep_model_for_inference()
-            start = 0
+            logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(prefill_input, 0, prompt_width))
+            with torch.inference_mode():  # the cache was allocated in the wrapper's inference mode
+                for key_memory, value_memory in wrapper.inference_context.key_value_memory_dict.values():
+                    key_memory[:, :batch] = key_memory[:, source]
+                    value_memory[:, :batch] = value_memory[:, source]
             for position in range(prompt_width, total):
-                window = wrapper.get_batch_for_context_window(inference_input, start, position)
-                logits = wrapper.run_one_forward_step(window)
-                start = position
+                if position == prompt_width:
+                    logits = None if logits is None else logits[source.to(logits.device)]
+                else:
+                    window = wrapper.get_batch_for_context_window(inference_input, position - 1, position)
+                    logits = wrapper.run_one_forward_step(window)
                 sampled = torch.empty(batch, 2)
                 if parallel_state.is_pipeline_last_stage():
                     next_logits = logits[:, -1, : self.arch.vocab_size].float().cpu()
