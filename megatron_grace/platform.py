@@ -173,7 +173,7 @@ def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_
     Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain ``python`` start is a
     world of one.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     if not has_cuda():
         apply_cpu_fallbacks()

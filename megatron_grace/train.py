@@ -27,8 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from .arguments import parse_args, validate_args
-from .checkpointing import (CheckpointError, load_checkpoint, read_checkpoint_meta, resolve_checkpoint,
-                            save_checkpoint)
+from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
 from .experience import SequenceBatch, one_pass_forward

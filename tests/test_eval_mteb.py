@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_grace import local_suite
 from megatron_grace.encoder import model_fingerprint
