@@ -149,16 +149,17 @@ def run_cpu(batch=160, seq_len=256, hidden_size=576, repeats=10):
                 speedup_vs_numpy_loop=round(loop_seconds / torch_seconds, 2), max_diff=max_diff)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_cli(benchmark, description, run_cpu, run_gpu):
+    """The command line shared by the kernel benchmarks: --device (default: CUDA if present) and --output JSON."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="write the results as JSON to this path")
     args = parser.parse_args()
     results = run_gpu() if args.device == "cuda" else run_cpu()
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump(dict(benchmark="masked_mean_pool", **results), handle, indent=2)
+            json.dump(dict(benchmark=benchmark, **results), handle, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("masked_mean_pool", __doc__.split("\n\n")[0], run_cpu, run_gpu)

@@ -12,15 +12,13 @@ seconds), as a ratio measured in one run.
 
     python benchmarks/bench_reward.py [--device cpu|cuda] [--output results.json]
 """
-import argparse
 import functools
-import json
 
 import numpy as np
 import torch
 
 from bench_pooling import (best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, numpy_loop_pool,
-                           pooling_mask, print_table, torch_path_pool)
+                           pooling_mask, print_table, run_cli, torch_path_pool)
 from megatron_grace.kernels import grace_rewards_reference
 from megatron_grace.kernels.grace_rewards import grace_rewards_triton
 
@@ -131,16 +129,5 @@ def run_gpu():
                 groups=NUM_GROUPS, group_size=GROUP_SIZE, target_us=TARGET_MICROSECONDS, max_triton_us=max(row["time_us"] for row in triton_rows), rows=rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="write the results as JSON to this path")
-    args = parser.parse_args()
-    results = run_gpu() if args.device == "cuda" else run_cpu()
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(dict(benchmark="grace_rewards", **results), handle, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    run_cli("grace_rewards", __doc__.split("\n\n")[0], run_cpu, run_gpu)
