@@ -1,4 +1,4 @@
-"""GRACE training on Megatron-Core: ``torchrun ... -m megatron_grace.train [flags]`` (see ``examples/pretrain_grace.sh``).
+"""GRACE training on Megatron-Core: ``torchrun ... -m megatron_grace.train [flags]`` (``examples/pretrain_grace.sh``).
 
 One GRPO step, top to bottom (:meth:`GraceTrainer.train_step`):
 
@@ -176,16 +176,15 @@ class GraceTrainer:
         # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
         self.watchdog.enter("rollout", step)
         start = time.perf_counter()
-        requests = [RolloutRequest(ex.main.input_ids, args.rollout_temperature,
-                                   row_seed(args.seed, self.iteration, ex.sample_id, k))
-                    for ex in examples for k in range(n)]
-        requests += [RolloutRequest(ex.query.input_ids, args.query_temperature,
-                                    row_seed(args.seed, self.iteration, ex.sample_id, n)) for ex in examples]
-        requests += [RolloutRequest(ex.negatives[m].input_ids, args.query_temperature,
-                                    row_seed(args.seed, self.iteration, ex.sample_id, n + 1 + m))
-                     for m in range(num_negatives) for ex in examples]
-        prompts = ([ex.main for ex in examples for _ in range(n)] + [ex.query for ex in examples]
-                   + [ex.negatives[m] for m in range(num_negatives) for ex in examples])
+        # (example, prompt, temperature, rollout index within the example: seeds the row's sampling noise)
+        rows = ([(ex, ex.main, args.rollout_temperature, k) for ex in examples for k in range(n)]
+                + [(ex, ex.query, args.query_temperature, n) for ex in examples]
+                + [(ex, ex.negatives[m], args.query_temperature, n + 1 + m)
+                   for m in range(num_negatives) for ex in examples])
+        prompts = [prompt for _, prompt, _, _ in rows]
+        requests = [RolloutRequest(prompt.input_ids, temperature,
+                                   row_seed(args.seed, self.iteration, ex.sample_id, index))
+                    for ex, prompt, temperature, index in rows]
         rollouts = self.engine.generate(requests, args.max_response_length)
         timings["rollout"] = time.perf_counter() - start
 
@@ -387,7 +386,7 @@ class GraceTrainer:
         while self.iteration < args.train_iters:
             metrics = self.train_step()
             self.logger.log(metrics)
-            if args.sample_interval and self.iteration % args.sample_interval == 1 % args.sample_interval:
+            if args.sample_interval and (self.iteration - 1) % args.sample_interval == 0:  # steps 1, 1+N, ...
                 self._log_sample()
             if args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()

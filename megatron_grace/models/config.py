@@ -66,7 +66,7 @@ class ModelArchitecture:
 
 
 def read_rope_settings(hf_config: dict) -> tuple[float, dict | None]:
-    """RoPE theta and scaling from either transformers 5.x (``rope_parameters``) or 4.x (``rope_theta``/``rope_scaling``)."""
+    """RoPE theta and scaling from transformers 5.x (``rope_parameters``) or 4.x (``rope_theta``/``rope_scaling``)."""
     params = hf_config.get("rope_parameters")
     if isinstance(params, dict):
         theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
