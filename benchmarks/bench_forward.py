@@ -1,7 +1,8 @@
 """Forward throughput: Megatron-Core GPTModel (TP1PP1, our layer spec) against HF transformers, same weights.
 
 Both models are loaded from one HF folder (default: the embedded SmolLM2-135M-Instruct) in the same process and run
-the same random token batch in the same dtype, without gradients, producing full logits. The two take turns
+the same random token batch in the same dtype, without gradients, producing full logits, and again producing the
+per-token log-probs of the next tokens (what the GRACE forward needs). The two take turns
 iteration by iteration, so load from other processes on the machine hits both alike; tokens/s comes from the best
 iteration of each (contention only ever adds time), and the median is reported too. The script also times
 ``tools/convert_hf.py hf-to-mcore`` on the same folder (wall time of the command, interpreter start included).
@@ -108,12 +109,23 @@ def main(argv=None) -> dict:
                            generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(args.seq_length, device=device).expand(args.batch_size, -1)
 
+    # What training runs: per-token log-probs of the next tokens. Megatron computes them from its [S, B, V] logits
+    # (labels=, vocabulary-parallel cross-entropy); HF from its [B, S, V] logits with log_softmax + gather.
+    labels = torch.roll(tokens, -1, dims=1)
+
+    def hf_log_probs():
+        logits = hf_model(input_ids=tokens, use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
     with torch.no_grad():
         forwards = {
             "megatron": lambda: megatron_model(tokens, positions, attention_mask=None),
             "hf": lambda: hf_model(input_ids=tokens, use_cache=False).logits,
+            "megatron_logprobs": lambda: -megatron_model(tokens, positions, attention_mask=None, labels=labels),
+            "hf_logprobs": hf_log_probs,
         }
         max_abs_diff = (forwards["megatron"]()[..., :vocab_size] - forwards["hf"]()).abs().max().item()
+        log_prob_diff = (forwards["megatron_logprobs"]() - forwards["hf_logprobs"]()).abs().max().item()
         seconds = time_interleaved(forwards, args.iters, device)
     destroy_distributed()
 
@@ -121,7 +133,7 @@ def main(argv=None) -> dict:
     results = {
         "model": str(model_dir), "device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
         "seq_length": args.seq_length, "iters": args.iters, "torch_threads": torch.get_num_threads(),
-        "logits_max_abs_diff": max_abs_diff,
+        "logits_max_abs_diff": max_abs_diff, "log_probs_max_abs_diff": log_prob_diff,
     }
     for name, samples in seconds.items():
         results[f"{name}_tokens_per_s_best"] = tokens_per_batch / min(samples)
@@ -129,6 +141,8 @@ def main(argv=None) -> dict:
         results[f"{name}_seconds"] = samples
     results["ratio_best"] = results["megatron_tokens_per_s_best"] / results["hf_tokens_per_s_best"]
     results["ratio_median"] = results["megatron_tokens_per_s_median"] / results["hf_tokens_per_s_median"]
+    results["log_probs_ratio_best"] = (results["megatron_logprobs_tokens_per_s_best"]
+                                       / results["hf_logprobs_tokens_per_s_best"])
     if conversion is not None:
         results["conversion_hf_to_mcore_seconds"] = conversion
 
@@ -136,6 +150,9 @@ def main(argv=None) -> dict:
           f"Megatron {results['megatron_tokens_per_s_best']:.0f} tok/s, HF {results['hf_tokens_per_s_best']:.0f} tok/s "
           f"(best of {args.iters}); ratio {results['ratio_best']:.3f} (median {results['ratio_median']:.3f}); "
           f"logits max abs diff {max_abs_diff:.2e}")
+    print(f"per-token log-probs (the training forward): Megatron {results['megatron_logprobs_tokens_per_s_best']:.0f} "
+          f"tok/s, HF {results['hf_logprobs_tokens_per_s_best']:.0f} tok/s; ratio {results['log_probs_ratio_best']:.3f}; "
+          f"max abs diff {log_prob_diff:.2e}")
     if "conversion_hf_to_mcore_seconds" in results:
         print(f"hf-to-mcore conversion: {results['conversion_hf_to_mcore_seconds']:.1f} s")
     if args.output:
