@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from .data.prompts import Prompt
 from .kernels import all_reduce_masked_mean, masked_mean_pool, masked_sum_pool_partial
+from .platform import current_device
 from .rollout import Rollout
 from .schedule import run_microbatches
 
@@ -68,15 +69,11 @@ class SequenceBatch:
         batches = []
         for start in range(0, filled, micro_batch_size):
             chosen = index[start: start + micro_batch_size]
-            batch = {name: tensor[chosen].to(_device()) for name, tensor in rows.items()}
-            batch["is_filler"] = is_filler[start: start + micro_batch_size].to(_device())
-            batch["position_ids"] = positions.to(_device())
+            batch = {name: tensor[chosen].to(current_device()) for name, tensor in rows.items()}
+            batch["is_filler"] = is_filler[start: start + micro_batch_size].to(current_device())
+            batch["position_ids"] = positions.to(current_device())
             batches.append(batch)
         return batches
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def pool_hidden(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper 
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 
 from .checkpointing import unwrap
+from .platform import current_device
 
 
 @dataclass
@@ -98,8 +99,9 @@ class RolloutEngine:
         attention_mask = (causal_forbidden.unsqueeze(0) | is_pad.unsqueeze(1)).unsqueeze(1)
         # A row's padding must still attend somewhere (softmax over nothing is NaN): let pads see themselves.
         attention_mask &= ~torch.eye(total, dtype=torch.bool)
-        inference_input = {"tokens": tokens.to(self._device), "position_ids": torch.arange(total).expand(batch, -1),
-                           "attention_mask": attention_mask.to(self._device)}
+        device = current_device()
+        inference_input = {"tokens": tokens.to(device), "position_ids": torch.arange(total).expand(batch, -1),
+                           "attention_mask": attention_mask.to(device)}
 
         temperatures = torch.tensor([r.temperature for r in requests], dtype=torch.float32).unsqueeze(1)
         generators = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -137,12 +139,12 @@ class RolloutEngine:
                     next_logits = logits[:, -1, : self.arch.vocab_size].float().cpu()
                     token, token_log_prob = self._sample(next_logits, temperatures, generators)
                     sampled = torch.stack([token.float(), token_log_prob], dim=1)
-                sampled = broadcast_from_last_pipeline_stage([batch, 2], torch.float32, sampled.to(self._device))
+                sampled = broadcast_from_last_pipeline_stage([batch, 2], torch.float32, sampled.to(device))
                 token = sampled[:, 0].long().cpu()
                 step = position - prompt_width
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
                 tokens[:, position] = token
-                inference_input["tokens"][:, position] = token.to(self._device)
+                inference_input["tokens"][:, position] = token.to(device)
                 log_probs[:, step] = sampled[:, 1].cpu()
                 lengths += (~finished).long()
                 finished |= torch.isin(token, self.eos_token_ids)
@@ -155,10 +157,6 @@ class RolloutEngine:
                     truncated=not bool(finished[row]))
             for row in range(batch)
         ]
-
-    @property
-    def _device(self):
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _wrapper(self, batch: int, total: int) -> GPTInferenceWrapper:
         config = InferenceWrapperConfig(
