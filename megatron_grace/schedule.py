@@ -8,9 +8,9 @@ forward+backward), capturing the final-norm hidden states on the last stage for 
 It returns ``(loss_sum, num_tokens, metrics)``: the schedule scales gradients by the global token count (see
 :mod:`megatron_grace.optim`); metrics (any tensors) are returned per micro-batch on the last stage.
 
-Log-probs come from Megatron's own loss path (``labels=``): cross-entropy on the [S, B, V/TP] logits, without
-materialising the [B, S, V] transposed copy. That path cannot mask padded vocabulary rows, so models whose vocabulary
-was padded for TP (and callers that need the logits) take the logits path instead.
+Log-probs come from the model's loss path (``labels=``), which :class:`~megatron_grace.models.output.GraceGPTModel`
+computes chunk by chunk without materialising the logits (padded vocabulary rows excluded); callers that need the
+logits take the logits path instead.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
     """Each micro-batch holds ``tokens`` [B, S] and ``position_ids`` [B, S]; all share one [B, S] shape."""
     stage = unwrap(model)
     arch = stage.arch
-    use_labels = not need_logits and arch.padded_vocab_size == arch.vocab_size
+    use_labels = not need_logits
     seq_length = microbatches[0]["tokens"].shape[1]
     micro_batch_size = microbatches[0]["tokens"].shape[0]
     captured: dict[str, torch.Tensor] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -19,6 +18,7 @@ from ..platform import has_cuda
 from .config import ModelArchitecture
 from . import rope
 from .layers import RMSNorm, SDPAttention
+from .output import GraceGPTModel
 
 
 def transformer_engine_available() -> bool:
@@ -99,13 +99,13 @@ def layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules | Module
 
 
 def build_gpt_model(arch: ModelArchitecture, config: TransformerConfig, *, pre_process: bool | None = None,
-                    post_process: bool | None = None) -> GPTModel:
+                    post_process: bool | None = None) -> GraceGPTModel:
     """One pipeline stage of the model (the stage of this rank unless pre/post_process are given)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
+    model = GraceGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config),
         vocab_size=arch.padded_vocab_size,
