@@ -15,7 +15,7 @@ from megatron_grace.rollout import Rollout
 from megatron_grace.testing import save_tiny_hf_model
 
 
-# 49152: the tokenizer's vocabulary (log-probs through Megatron's labels= path); 49229: padded for TP (logits path).
+# 49152: the tokenizer's vocabulary; 49229: padded for TP (padded rows excluded from the log-probs).
 @pytest.mark.parametrize("vocab_size", [49152, 49229])
 def test_encoder_pooling_equals_training_pooling(tmp_path, smollm2_tokenizer_dir, vocab_size):
     hf_dir = save_tiny_hf_model("qwen3", tmp_path / "tiny", smollm2_tokenizer_dir, vocab_size=vocab_size)

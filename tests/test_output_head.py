@@ -1,6 +1,6 @@
 """The output head of GraceGPTModel (megatron_grace/models/output.py).
 
-* ``LinearCrossEntropy`` (chunked, logits never materialised) against ``-log_softmax(h @ W.T)[label]`` computed in
+* ``linear_cross_entropy`` (chunked) against ``-log_softmax(h @ W.T)[label]`` computed in
   float64 over the unpadded vocabulary, forward and both gradients, with chunks that do not divide the token count.
   Tolerances per input dtype: float64 1e-10, float32 2e-5 absolute; bfloat16 (the reference on the same bf16-rounded
   inputs) 1e-2 relative, 2.5 bf16 ulps: the chunk's GEMM rounds logits of magnitude ~10 to bf16. Gradients: the same
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_grace.models import output
-from megatron_grace.models.output import LinearCrossEntropy
+from megatron_grace.models.output import linear_cross_entropy
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 
 
@@ -42,8 +42,7 @@ def test_linear_cross_entropy_matches_float64(world_of_one, monkeypatch, dtype, 
     labels = torch.randint(0, vocab_size, (tokens,), generator=generator)
     upstream = torch.rand(tokens, generator=generator, dtype=torch.float64)
 
-    losses = LinearCrossEntropy.apply(hidden, weight, labels, vocab_size,
-                                      parallel_state.get_tensor_model_parallel_group())
+    losses = linear_cross_entropy(hidden, weight, labels, vocab_size, parallel_state.get_tensor_model_parallel_group())
     (losses.double() * upstream).sum().backward()
 
     hidden_ref = hidden.detach().double().requires_grad_()

@@ -12,7 +12,9 @@ those two:
   directly;
 * ``labels=``: :class:`LinearCrossEntropy` computes ``-log p(label)`` chunk by chunk of tokens (output-layer GEMM,
   log-sum-exp and target logit on a block that stays small), combines the vocabulary shards across the TP group with
-  two all-reduces of one float per token, and recomputes each chunk's logits in backward instead of storing them.
+  two all-reduces of one float per token. Without gradients (the no-grad pass over a whole rollout batch) only one
+  chunk of logits exists at a time; with gradients the float32 logits are kept and turned into their gradient in
+  place in backward.
   Padded vocabulary rows (see :func:`~megatron_grace.models.builder.mask_padded_vocab`) are excluded, so the loss path
   also serves models whose vocabulary was padded for TP.
 """
@@ -24,16 +26,35 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
-# Elements of one chunk of logits (float32): 2^22 × 4 B = 16 MB, e.g. 85 tokens of a 49k vocabulary.
-CHUNK_LOGIT_ELEMENTS = 1 << 22
+# Elements of one chunk of logits (float32): 2^23 × 4 B = 32 MB, e.g. 170 tokens of a 49k vocabulary (fastest of
+# 2^20 … 2^24 on CPU: smaller chunks starve the GEMM, larger ones fall out of cache).
+CHUNK_LOGIT_ELEMENTS = 1 << 23
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, valid_columns: int) -> torch.Tensor:
-    """Logits [n, V/TP] of one chunk of tokens in float32 (or float64), this shard's padded vocabulary columns at -inf."""
-    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, valid_columns: int, out: torch.Tensor) -> torch.Tensor:
+    """Logits [n, V/TP] of one chunk of tokens into ``out`` (float32 or float64), this shard's padded vocabulary
+    columns at -inf."""
+    if hidden.dtype == out.dtype:
+        logits = torch.matmul(hidden, weight.t(), out=out)
+    else:
+        logits = out.copy_(hidden @ weight.t())
     if valid_columns < logits.shape[1]:
         logits[:, max(valid_columns, 0):] = float("-inf")
     return logits
+
+
+# The per-chunk element-wise work is compiled into one pass over the chunk (dynamic shapes: the last chunk is shorter).
+@torch.compile(dynamic=True)
+def _log_sum_exp_and_label_logit(logits: torch.Tensor, labels: torch.Tensor):
+    return torch.logsumexp(logits, dim=1), logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+@torch.compile(dynamic=True)
+def _grad_logits(logits, log_sum_exp, labels, on_this_shard, grad_loss):
+    """d(lse - z_label)/dz = softmax(z) - onehot(label), times each token's incoming gradient."""
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    onehot = (columns.unsqueeze(0) == labels.unsqueeze(1)) & on_this_shard.unsqueeze(1)
+    return (torch.exp(logits - log_sum_exp.unsqueeze(1)) - onehot.to(logits.dtype)) * grad_loss.unsqueeze(1)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -43,7 +64,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_size: int, tp_group):
+    def forward(ctx, hidden, weight, labels, vocab_size: int, tp_group, for_backward: bool):
         shard = weight.shape[0]
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * shard
         valid_columns = vocab_size - vocab_start
@@ -56,11 +77,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         log_sum_exp = torch.empty(tokens, dtype=accumulate, device=hidden.device)
         label_logit = torch.empty(tokens, dtype=accumulate, device=hidden.device)
+        # With gradients, keep the float32 logits for backward (as Megatron's cross-entropy keeps its softmax):
+        # recomputing them would cost one more output-layer GEMM. Without, only one chunk exists at a time.
+        logits = torch.empty(tokens if for_backward else min(chunk, tokens), shard, dtype=accumulate,
+                             device=hidden.device)
         for start in range(0, tokens, chunk):
             rows = slice(start, start + chunk)
-            logits = _chunk_logits(hidden[rows], weight, valid_columns)
-            log_sum_exp[rows] = torch.logsumexp(logits, dim=1)
-            label_logit[rows] = logits.gather(1, local_labels[rows].unsqueeze(1)).squeeze(1)
+            chunk_logits = _chunk_logits(hidden[rows], weight, valid_columns,
+                                         out=logits[rows] if for_backward else logits[: hidden[rows].shape[0]])
+            log_sum_exp[rows], label_logit[rows] = _log_sum_exp_and_label_logit(chunk_logits, local_labels[rows])
         label_logit.masked_fill_(~on_this_shard, 0.0)
 
         if dist.get_world_size(tp_group) > 1:
@@ -72,31 +97,29 @@ class LinearCrossEntropy(torch.autograd.Function):
             log_sum_exp = shard_max + torch.log(summed)
             dist.all_reduce(label_logit, group=tp_group)
 
-        ctx.save_for_backward(hidden, weight, local_labels, on_this_shard, log_sum_exp)
-        ctx.valid_columns, ctx.chunk = valid_columns, chunk
+        ctx.save_for_backward(hidden, weight, local_labels, on_this_shard, log_sum_exp,
+                              logits if for_backward else None)
+        ctx.chunk = chunk
         return log_sum_exp - label_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, local_labels, on_this_shard, log_sum_exp = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=log_sum_exp.dtype, device=weight.device)
+        hidden, weight, local_labels, on_this_shard, log_sum_exp, grad_logits = ctx.saved_tensors
+        # The kept logits become their own gradient in place, chunk by chunk; then the two GEMMs of a linear layer.
         grad_loss = grad_loss.to(log_sum_exp.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            # d(lse - z_label)/dz = softmax(z) - onehot(label), scaled by the incoming gradient of each token.
-            grad_logits = torch.exp(_chunk_logits(hidden[rows], weight, ctx.valid_columns)
-                                    - log_sum_exp[rows].unsqueeze(1))
-            row_ids = torch.arange(grad_logits.shape[0], device=grad_logits.device)
-            grad_logits[row_ids, local_labels[rows]] -= on_this_shard[rows].to(grad_logits.dtype)
-            grad_logits *= grad_loss[rows].unsqueeze(1)
-            grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[rows] = grad_logits @ weight
-            if grad_weight.dtype == hidden.dtype:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            else:  # low-precision GEMM per chunk (as Megatron's own wgrad), summed over chunks in float32
-                grad_weight += grad_logits.t() @ hidden[rows]
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+            grad_logits[rows] = _grad_logits(grad_logits[rows], log_sum_exp[rows], local_labels[rows],
+                                             on_this_shard[rows], grad_loss[rows])
+        grad_logits = grad_logits.to(hidden.dtype)
+        return grad_logits @ weight, grad_logits.t() @ hidden, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, vocab_size: int, tp_group) -> torch.Tensor:
+    """:class:`LinearCrossEntropy`, keeping logits for backward only when autograd will need them (inside
+    ``Function.forward`` grad mode is always off, and ``needs_input_grad`` ignores ``torch.no_grad``)."""
+    for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, labels, vocab_size, tp_group, for_backward)
 
 
 class GraceGPTModel(GPTModel):
@@ -123,12 +146,14 @@ class GraceGPTModel(GPTModel):
                                           runtime_gather_output=kwargs.get("runtime_gather_output"))
             return logits  # [B, S, V/TP]
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        if self.output_layer.sequence_parallel:
+        if self.output_layer.sequence_parallel:  # reduce-scatters the input gradient in backward
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True)
-        elif dist.get_world_size(tp_group) > 1:
-            hidden_states = copy_to_tensor_model_parallel_region(hidden_states)  # all-reduces dgrad in backward
         seq, batch, hidden_size = hidden_states.shape
         # Batch-first token order, so the [B, S] result needs no transposed copy.
         hidden_bsh = hidden_states.transpose(0, 1).reshape(batch * seq, hidden_size)
-        loss = LinearCrossEntropy.apply(hidden_bsh, weight, labels.reshape(-1), self.arch.vocab_size, tp_group)
+        if not self.output_layer.sequence_parallel and dist.get_world_size(tp_group) > 1:
+            # All-reduces the input gradient in backward. Applied to the contiguous [B·S, H] tensor: Megatron's
+            # _reduce all-reduces ``grad.contiguous()`` and returns ``grad``, losing the sum for a strided gradient.
+            hidden_bsh = copy_to_tensor_model_parallel_region(hidden_bsh)
+        loss = linear_cross_entropy(hidden_bsh, weight, labels.reshape(-1), self.arch.vocab_size, tp_group)
         return loss.view(batch, seq)

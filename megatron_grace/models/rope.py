@@ -3,8 +3,8 @@
 Megatron-Core's unfused RoPE recomputes cos/sin of the rotary frequencies for the queries and the keys of every layer
 (60 times per forward for a 30-layer model) and rotates with a chunk/negate/concatenate sequence; in token-by-token
 generation those small ops dominate a layer. This version computes cos/sin once per frequency tensor (every layer of
-a forward receives the same one) and rotates in one expression. Without Transformer Engine, Megatron's fused-RoPE hook
-is empty; :func:`install` fills it, so ``apply_rope_fusion=True`` routes the standard call sites here. The arithmetic
+a forward receives the same one) and rotates in one compiled kernel (eagerly when decoding one token). Without
+Transformer Engine, Megatron's fused-RoPE hook is empty; :func:`install` fills it, so ``apply_rope_fusion=True`` routes the standard call sites here. The arithmetic
 per element is Megatron's own (t·cos + rotate_half(t)·sin), so results are bit-identical to the unfused path.
 """
 from __future__ import annotations
@@ -33,12 +33,23 @@ def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool 
     if interleaved:
         raise NotImplementedError("interleaved rotary embeddings are not used by the supported model families")
     cos, sin = _cos_sin(freqs, t.dtype)
-    rot = freqs.shape[-1]
-    first, second = t[..., : rot // 2], t[..., rot // 2: rot]
+    # One token per row (decoding): a handful of tiny ops, cheaper eager than through the compiled graph's guards.
+    return _rotate(t, cos, sin) if t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = cos.shape[-1]
+    first, second = t[..., :half], t[..., half: 2 * half]
     parts = [first * cos - second * sin, second * cos + first * sin]
-    if t.shape[-1] > rot:
-        parts.append(t[..., rot:])
+    if t.shape[-1] > 2 * half:
+        parts.append(t[..., 2 * half:])
     return torch.cat(parts, dim=-1)
+
+
+# Compiled into one pass over t: eager, the six element-wise ops and the concatenation take 7.5 ms per layer at
+# 16 × 256 tokens on two CPU cores, compiled 0.8 ms, with equal results. Dynamic shapes from the start: sequence
+# length, batch and heads per TP rank vary between prefill, training and layouts.
+_rotate_compiled = torch.compile(_rotate, dynamic=True)
 
 
 def install() -> None:
@@ -47,3 +58,7 @@ def install() -> None:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary_cached
+    # Queries and keys (different head counts and strides), grad modes (rollout prefill, no-grad pass, update) and
+    # the 0/1 specialisation of heads per TP rank each give the compiled rotation (and Megatron's compiled SwiGLU) a
+    # graph; past torch's default limit of 8 per function, dynamo silently falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)

@@ -3,7 +3,8 @@
 One launch re-initialises Megatron's parallel state for each layout (the world of 4 ranks stays):
 1. logits parity: tiny Llama / Qwen2 / Qwen3 models against HF transformers at TP1PP1, TP2PP1, TP1PP2, TP2PP2;
 2. training equivalence: 3 AdamW steps (Megatron DDP + distributed optimizer) in fp32 and bf16 at TP2PP2, TP2, PP2,
-   TP2 + sequence parallel and TP1PP1 (data parallel 4), all from the same HF weights;
+   TP2 + sequence parallel and TP1PP1 (data parallel 4), all from the same HF weights: losses and gradient norms
+   (Adam's first steps barely depend on gradient magnitudes, so the norms are the sharper check of the backward);
 3. a checkpoint written by training at TP2PP2, for the caller to export with tools/convert_hf.py and compare with
    the TP1PP1 run's final weights.
 Rank 0 writes every measured number to the JSON file given as argv[1]; the pytest wrapper asserts on them.
@@ -107,12 +108,13 @@ def train_losses(hf_model, tp, pp, dtype, sequence_parallel, tokens, loss_mask, 
         count = mask.sum().to(torch.int)
         return loss_sum, count, {"loss_sum": loss_sum.detach(), "count": count}
 
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(STEPS):
         zero_grads(ddp_model, optimizer)
         out = run_microbatches(ddp_model, microbatches_for_this_rank(tokens, loss_mask, 1), lm_loss,
                                forward_only=False)
         applied, grad_norm = optimizer_step(ddp_model, optimizer)
+        grad_norms.append(grad_norm)
         total = torch.zeros(2, dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
             total[0] = sum(m["loss_sum"].double() for m in out)
@@ -125,7 +127,7 @@ def train_losses(hf_model, tp, pp, dtype, sequence_parallel, tokens, loss_mask, 
                        if not k.endswith("_extra_state")}
     if save_dir is not None:
         save_checkpoint(save_dir, STEPS, ddp_model, optimizer, arch=arch)
-    return losses, final_state, arch
+    return losses, grad_norms, final_state, arch
 
 
 def training_equivalence(results: dict, out_dir: Path) -> None:
@@ -138,9 +140,10 @@ def training_equivalence(results: dict, out_dir: Path) -> None:
         name = str(dtype).removeprefix("torch.")
         for tp, pp, sp in layouts:
             save = out_dir / "ckpt_tp2pp2" if (tp, pp, dtype) == (2, 2, torch.float32) else None
-            losses, final_state, arch = train_losses(hf_model, tp, pp, dtype, sp, tokens, loss_mask, save)
+            losses, grad_norms, final_state, arch = train_losses(hf_model, tp, pp, dtype, sp, tokens, loss_mask, save)
             key = f"tp{tp}pp{pp}" + ("_sp" if sp else "")
             results.setdefault(f"losses_{name}", {})[key] = losses
+            results.setdefault(f"grad_norms_{name}", {})[key] = grad_norms
             if final_state is not None and dtype == torch.float32 and dist.get_rank() == 0:
                 save_hf_model(out_dir / "hf_tp1pp1_trained", arch, mcore_to_hf(final_state, arch))
 
