@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import torch
 
-# (key, frequency tensor, cos, sin). Holding the frequency tensor keeps its storage alive, so its data pointer cannot be
-# reused by another tensor while the entry is cached.
-_cache: tuple | None = None
+# key -> (frequency tensor, cos, sin), two entries: with a KV cache, queries and keys get different frequency slices.
+# Holding the frequency tensor keeps its storage alive, so its data pointer cannot be reused while the entry is cached.
+_cache: dict[tuple, tuple] = {}
+_CACHE_ENTRIES = 2
 
 
 def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    global _cache
     # Inference-mode tensors have no version counter (and Megatron never writes its frequencies in place).
     version = -1 if freqs.is_inference() else freqs._version
     key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), version, freqs.dtype, dtype)
-    if _cache is None or _cache[0] != key:
+    if key not in _cache:
+        if len(_cache) >= _CACHE_ENTRIES:
+            del _cache[next(iter(_cache))]  # the oldest
         # Megatron's frequencies are [f, f] (non-interleaved): one half determines both.
         half = freqs[..., : freqs.shape[-1] // 2]
-        _cache = (key, freqs, torch.cos(half).to(dtype), torch.sin(half).to(dtype))
-    return _cache[2], _cache[3]
+        _cache[key] = (freqs, torch.cos(half).to(dtype), torch.sin(half).to(dtype))
+    return _cache[key][1], _cache[key][2]
 
 
 def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused) -> torch.Tensor:
