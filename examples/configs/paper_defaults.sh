@@ -56,17 +56,30 @@ GRACE_PAPER_ARGS=(
     --sample-interval 50
 )
 
-# Run-directory flags of every config. --load is the save folder itself, so resubmitting the same job resumes from
-# its latest checkpoint; WANDB_PROJECT, when set, adds wandb logging.
-grace_run_dir_args() {
-    local save_dir=$1
-    GRACE_RUN_DIR_ARGS=(
-        --save "$save_dir"
-        --load "$save_dir"
-        --tensorboard-dir "$save_dir/tensorboard"
-        --export-hf "$save_dir/hf"
+# GRACE_ARGS of a paper config: the paper's flags, the training mode, model folder and data, the config's layout
+# flags (the arguments after the first four) and the run-directory flags. The save folder is also --load, so
+# resubmitting the same job resumes from its latest checkpoint; WANDB_PROJECT, when set, adds wandb logging.
+#   grace_paper_config MODE DEFAULT_HF_MODEL DEFAULT_TRAIN_DATA DEFAULT_SAVE_DIR LAYOUT_FLAGS...
+# Environment overrides: HF_MODEL, TRAIN_DATA, SAVE_DIR, WANDB_PROJECT.
+grace_paper_config() {
+    local mode=$1
+    GRACE_HF_MODEL=${HF_MODEL:-$2}
+    local train_data=${TRAIN_DATA:-$3}
+    GRACE_SAVE_DIR=${SAVE_DIR:-$4}
+    shift 4
+    # shellcheck disable=SC2034  # read by the launcher that sources the config
+    GRACE_ARGS=(
+        "${GRACE_PAPER_ARGS[@]}"
+        --hf-model "$GRACE_HF_MODEL"
+        --train-data "$train_data"
+        --train-mode "$mode"
+        "$@"
+        --save "$GRACE_SAVE_DIR"
+        --load "$GRACE_SAVE_DIR"
+        --tensorboard-dir "$GRACE_SAVE_DIR/tensorboard"
+        --export-hf "$GRACE_SAVE_DIR/hf"
     )
     if [[ -n ${WANDB_PROJECT:-} ]]; then
-        GRACE_RUN_DIR_ARGS+=(--wandb-project "$WANDB_PROJECT")
+        GRACE_ARGS+=(--wandb-project "$WANDB_PROJECT")
     fi
 }

@@ -17,21 +17,7 @@
 # shellcheck source=SCRIPTDIR/paper_defaults.sh
 source "$(dirname "${BASH_SOURCE[0]}")/paper_defaults.sh"
 
-GRACE_HF_MODEL=${HF_MODEL:-models/Qwen2.5-1.5B-Instruct}
-GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
-GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-qwen2.5-1.5b-instruct-sup}
-
-grace_run_dir_args "$GRACE_SAVE_DIR"
-# shellcheck disable=SC2034  # read by the launcher that sources this file
-GRACE_ARGS=(
-    "${GRACE_PAPER_ARGS[@]}"
-    --hf-model "$GRACE_HF_MODEL"
-    --train-data "$GRACE_TRAIN_DATA"
-    --train-mode supervised
-
-    --tensor-model-parallel-size 1
-    --pipeline-model-parallel-size 1
+grace_paper_config supervised models/Qwen2.5-1.5B-Instruct data/e5/train.jsonl runs/grace-qwen2.5-1.5b-instruct-sup \
+    --tensor-model-parallel-size 1 \
+    --pipeline-model-parallel-size 1 \
     --micro-batch-size 4
-
-    "${GRACE_RUN_DIR_ARGS[@]}"
-)

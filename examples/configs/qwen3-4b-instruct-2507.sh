@@ -20,22 +20,8 @@
 # shellcheck source=SCRIPTDIR/paper_defaults.sh
 source "$(dirname "${BASH_SOURCE[0]}")/paper_defaults.sh"
 
-GRACE_HF_MODEL=${HF_MODEL:-models/Qwen3-4B-Instruct-2507}
-GRACE_TRAIN_DATA=${TRAIN_DATA:-data/e5/train.jsonl}
-GRACE_SAVE_DIR=${SAVE_DIR:-runs/grace-qwen3-4b-instruct-2507-sup}
-
-grace_run_dir_args "$GRACE_SAVE_DIR"
-# shellcheck disable=SC2034  # read by the launcher that sources this file
-GRACE_ARGS=(
-    "${GRACE_PAPER_ARGS[@]}"
-    --hf-model "$GRACE_HF_MODEL"
-    --train-data "$GRACE_TRAIN_DATA"
-    --train-mode supervised
-
-    --tensor-model-parallel-size 2
-    --pipeline-model-parallel-size 1
-    --sequence-parallel
+grace_paper_config supervised models/Qwen3-4B-Instruct-2507 data/e5/train.jsonl runs/grace-qwen3-4b-instruct-2507-sup \
+    --tensor-model-parallel-size 2 \
+    --pipeline-model-parallel-size 1 \
+    --sequence-parallel \
     --micro-batch-size 2
-
-    "${GRACE_RUN_DIR_ARGS[@]}"
-)

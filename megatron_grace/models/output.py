@@ -1,5 +1,5 @@
-"""The output head of our GPTModel: batch-first logits without a transposed copy, and per-token log-probs without
-materialising the logits at all.
+"""The output head of our GPTModel: batch-first logits without a transposed copy, and per-token log-probs that
+materialise the logits only when backward needs them.
 
 Megatron-Core's ``GPTModel._postprocess`` computes sequence-first logits [S, B, V] and then either returns
 ``logits.transpose(0, 1).contiguous()`` (a full copy of the largest tensor of the forward: 0.8 GB at 16 × 256 tokens
@@ -11,8 +11,8 @@ those two:
 * logits: the output layer runs on [B, S, H] hidden states (a copy 85× smaller than the logits) and returns [B, S, V/TP]
   directly;
 * ``labels=``: :class:`LinearCrossEntropy` computes ``-log p(label)`` chunk by chunk of tokens (output-layer GEMM,
-  log-sum-exp and target logit on a block that stays small), combines the vocabulary shards across the TP group with
-  two all-reduces of one float per token. Without gradients (the no-grad pass over a whole rollout batch) only one
+  log-sum-exp and target logit on a block that stays small) and combines the vocabulary shards across the TP group
+  with all-reduces of one float per token. Without gradients (the no-grad pass over a whole rollout batch) only one
   chunk of logits exists at a time; with gradients the float32 logits are kept and turned into their gradient in
   place in backward.
   Padded vocabulary rows (see :func:`~megatron_grace.models.builder.mask_padded_vocab`) are excluded, so the loss path
