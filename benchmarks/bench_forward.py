@@ -109,8 +109,9 @@ def main(argv=None) -> dict:
                            generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(args.seq_length, device=device).expand(args.batch_size, -1)
 
-    # What training runs: per-token log-probs of the next tokens. Megatron computes them from its [S, B, V] logits
-    # (labels=, vocabulary-parallel cross-entropy); HF from its [B, S, V] logits with log_softmax + gather.
+    # What training runs: per-token log-probs of the next tokens. Megatron through the model's labels= path (our
+    # chunked LinearCrossEntropy, megatron_grace/models/output.py); HF from its [B, S, V] logits with log_softmax +
+    # gather.
     labels = torch.roll(tokens, -1, dims=1)
 
     def hf_log_probs():
