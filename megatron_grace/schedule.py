@@ -2,7 +2,9 @@
 forward+backward), capturing the final-norm hidden states on the last stage for pooling.
 
 ``loss_fn(batch, output)`` runs on the last pipeline stage only, once per micro-batch, with a :class:`StageOutput`:
-* ``log_probs`` [B, S-1]: log p(tokens[:, t+1] | tokens[:, :t+1]), computed vocabulary-parallel;
+* ``log_probs`` [B, S-1]: log p(tokens[:, t+1] | tokens[:, :t+1]), computed vocabulary-parallel; when the
+  micro-batch holds a ``response_mask`` [B, S-1], only those positions are computed and the others are 0 (the output
+  layer is the largest GEMM of a small model, and GRACE's prompts are longer than their rationales);
 * ``hidden``: the decoder's output after the final norm, [S, B, H] (or [S/TP, B, H] under sequence parallel);
 * ``logits`` [B, S, V/TP] (padded vocabulary rows masked to -inf), only with ``need_logits=True``.
 It returns ``(loss_sum, num_tokens, metrics)``: the schedule scales gradients by the global token count (see
@@ -50,7 +52,10 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
         batch = next(data_iterator)
         # Position t predicts token t+1; the last position's label is a placeholder, dropped below.
         labels = torch.roll(batch["tokens"], -1, dims=1) if use_labels else None
-        output = model_chunk(batch["tokens"], batch["position_ids"], None, labels=labels)
+        loss_mask = None
+        if use_labels and "response_mask" in batch:
+            loss_mask = torch.nn.functional.pad(batch["response_mask"], (0, 1))  # [B, S-1] → [B, S]
+        output = model_chunk(batch["tokens"], batch["position_ids"], None, labels=labels, loss_mask=loss_mask)
         # The schedule calls the loss function on the last pipeline stage only.
         return output, partial(finish, batch)
 

@@ -5,8 +5,8 @@
   Tolerances per input dtype: float64 1e-10, float32 2e-5 absolute; bfloat16 (the reference on the same bf16-rounded
   inputs) 1e-2 relative, 2.5 bf16 ulps: the chunk's GEMM rounds logits of magnitude ~10 to bf16. Gradients: the same
   tolerance, relative to the largest entry.
-* The model's ``labels=`` path and its batch-first logits against HF transformers (fp32, tiny Qwen3, TP1), with an
-  unpadded and a TP-padded vocabulary. Layouts TP2/PP2/SP go through the same head in tests/test_layouts.py.
+* The model's ``labels=`` path (also with a ``loss_mask``) and its batch-first logits against HF transformers (fp32,
+  tiny Qwen3, TP1), with an unpadded and a TP-padded vocabulary. Layouts TP2/PP2/SP go through the same head in tests/test_layouts.py.
 """
 import pytest
 import torch
@@ -85,3 +85,10 @@ def test_model_log_probs_and_logits_match_hf(world_of_one, tmp_path, smollm2_tok
     assert losses.shape == (3, 11) and logits.shape == (3, 11, arch.padded_vocab_size) and logits.is_contiguous()
     torch.testing.assert_close(losses.double(), expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(logits[..., :vocab_size], hf_logits, rtol=0, atol=1e-4)
+
+    # loss_mask: only the selected positions are computed (the same values), the others are exactly 0.
+    loss_mask = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)) > 0.6
+    with torch.no_grad():
+        masked = model(tokens, positions, None, labels=labels, loss_mask=loss_mask)
+    assert torch.all(masked[~loss_mask] == 0) and loss_mask.sum() > 0
+    torch.testing.assert_close(masked[loss_mask], losses[loss_mask], rtol=0, atol=1e-6)

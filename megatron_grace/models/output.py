@@ -10,7 +10,8 @@ those two:
 
 * logits: the output layer runs on [B, S, H] hidden states (a copy 85× smaller than the logits) and returns [B, S, V/TP]
   directly;
-* ``labels=``: :class:`LinearCrossEntropy` computes ``-log p(label)`` chunk by chunk of tokens (output-layer GEMM,
+* ``labels=`` (with an optional ``loss_mask=`` [B, S] of the positions to compute; others return 0):
+  :class:`LinearCrossEntropy` computes ``-log p(label)`` chunk by chunk of tokens (output-layer GEMM,
   log-sum-exp and target logit on a block that stays small) and combines the vocabulary shards across the TP group
   with all-reduces of one float per token. Without gradients (the no-grad pass over a whole rollout batch) only one
   chunk of logits exists at a time; with gradients the float32 logits are kept and turned into their gradient in
@@ -151,9 +152,18 @@ class GraceGPTModel(GPTModel):
         seq, batch, hidden_size = hidden_states.shape
         # Batch-first token order, so the [B, S] result needs no transposed copy.
         hidden_bsh = hidden_states.transpose(0, 1).reshape(batch * seq, hidden_size)
+        labels = labels.reshape(-1)
+        loss_mask = kwargs.get("loss_mask")
+        if loss_mask is not None:
+            # Only these positions are computed (GRACE needs the response tokens' log-probs, not the prompt's); the
+            # rest of the [B, S] result is 0. Every TP rank holds the same mask, so the shards stay aligned.
+            positions = loss_mask.reshape(-1).nonzero().squeeze(1)
+            hidden_bsh, labels = hidden_bsh[positions], labels[positions]
         if not self.output_layer.sequence_parallel and dist.get_world_size(tp_group) > 1:
-            # All-reduces the input gradient in backward. Applied to the contiguous [B·S, H] tensor: Megatron's
+            # All-reduces the input gradient in backward. Applied to a contiguous [tokens, H] tensor: Megatron's
             # _reduce all-reduces ``grad.contiguous()`` and returns ``grad``, losing the sum for a strided gradient.
             hidden_bsh = copy_to_tensor_model_parallel_region(hidden_bsh)
-        loss = linear_cross_entropy(hidden_bsh, weight, labels.reshape(-1), self.arch.vocab_size, tp_group)
+        loss = linear_cross_entropy(hidden_bsh, weight, labels, self.arch.vocab_size, tp_group)
+        if loss_mask is not None:
+            loss = loss.new_zeros(batch * seq).index_copy(0, positions, loss)
         return loss.view(batch, seq)
