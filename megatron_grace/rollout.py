@@ -55,27 +55,6 @@ def row_seed(seed: int, step: int, sample_id: int, rollout_index: int) -> int:
 
 
 @contextlib.contextmanager
-def sequence_parallel_disabled(model):
-    """Decoding one token at a time cannot be split along the sequence: switch sequence parallelism off in every
-    module for the duration (the weights are the same; only the activation layout changes)."""
-    stage = unwrap(model)
-    changed = []
-    for module in [stage, *stage.modules()]:
-        for attribute in ("sequence_parallel", "reduce_scatter_embeddings"):
-            if getattr(module, attribute, None) is True:
-                setattr(module, attribute, False)
-                changed.append((module, attribute))
-    config_value = stage.config.sequence_parallel
-    stage.config.sequence_parallel = False
-    try:
-        yield
-    finally:
-        stage.config.sequence_parallel = config_value
-        for module, attribute in changed:
-            setattr(module, attribute, True)
-
-
-@contextlib.contextmanager
 def config_overrides(config, **values):
     """Set TransformerConfig fields for the duration (Megatron's modules read these at forward time)."""
     saved = {name: getattr(config, name) for name in values}
@@ -86,6 +65,25 @@ def config_overrides(config, **values):
     finally:
         for name, value in saved.items():
             setattr(config, name, value)
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model):
+    """Decoding one token at a time cannot be split along the sequence: switch sequence parallelism off in every
+    module for the duration (the weights are the same; only the activation layout changes)."""
+    stage = unwrap(model)
+    changed = []
+    for module in [stage, *stage.modules()]:
+        for attribute in ("sequence_parallel", "reduce_scatter_embeddings"):
+            if getattr(module, attribute, None) is True:
+                setattr(module, attribute, False)
+                changed.append((module, attribute))
+    try:
+        with config_overrides(stage.config, sequence_parallel=False):
+            yield
+    finally:
+        for module, attribute in changed:
+            setattr(module, attribute, True)
 
 
 class RolloutEngine:
