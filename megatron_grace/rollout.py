@@ -132,38 +132,37 @@ class RolloutEngine:
         prefill_input = {name: value[torch.tensor(first_rows)] for name, value in inference_input.items()}
 
         wrapper = self._wrapper(batch, total)
-        with sequence_parallel_disabled(self.model), contextlib.ExitStack() as stack:
+        with sequence_parallel_disabled(self.model):
             wrapper.prep_model_for_inference()
             logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(prefill_input, 0, prompt_width))
             with torch.inference_mode():  # the cache was allocated in the wrapper's inference mode
                 for key_memory, value_memory in wrapper.inference_context.key_value_memory_dict.values():
                     key_memory[:, :batch] = key_memory[:, source]
                     value_memory[:, :batch] = value_memory[:, source]
-            for position in range(prompt_width, total):
-                if position == prompt_width:
-                    # Decoding runs one token per row: a compiled SwiGLU's per-call guard and dispatch cost (~0.2 ms
-                    # on CPU) exceeds the work; the eager activation is the same arithmetic.
-                    stack.enter_context(config_overrides(self.stage.config, bias_activation_fusion=False))
-                    logits = None if logits is None else logits[source.to(logits.device)]
-                else:
-                    window = wrapper.get_batch_for_context_window(inference_input, position - 1, position)
-                    logits = wrapper.run_one_forward_step(window)
-                sampled = torch.empty(batch, 2)
-                if parallel_state.is_pipeline_last_stage():
-                    next_logits = logits[:, -1, : self.arch.vocab_size].float().cpu()
-                    token, token_log_prob = self._sample(next_logits, temperatures, generators)
-                    sampled = torch.stack([token.float(), token_log_prob], dim=1)
-                sampled = broadcast_from_last_pipeline_stage([batch, 2], torch.float32, sampled.to(device))
-                token = sampled[:, 0].long().cpu()
-                step = position - prompt_width
-                token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
-                tokens[:, position] = token
-                inference_input["tokens"][:, position] = token.to(device)
-                log_probs[:, step] = sampled[:, 1].cpu()
-                lengths += (~finished).long()
-                finished |= torch.isin(token, self.eos_token_ids)
-                if bool(finished.all()):
-                    break
+            logits = None if logits is None else logits[source.to(logits.device)]
+            # Decoding runs one token per row: a compiled SwiGLU's per-call guard and dispatch cost (~0.2 ms on CPU)
+            # exceeds the work; the eager activation is the same arithmetic.
+            with config_overrides(self.stage.config, bias_activation_fusion=False):
+                for position in range(prompt_width, total):
+                    if position > prompt_width:
+                        window = wrapper.get_batch_for_context_window(inference_input, position - 1, position)
+                        logits = wrapper.run_one_forward_step(window)
+                    sampled = torch.empty(batch, 2)
+                    if parallel_state.is_pipeline_last_stage():
+                        next_logits = logits[:, -1, : self.arch.vocab_size].float().cpu()
+                        token, token_log_prob = self._sample(next_logits, temperatures, generators)
+                        sampled = torch.stack([token.float(), token_log_prob], dim=1)
+                    sampled = broadcast_from_last_pipeline_stage([batch, 2], torch.float32, sampled.to(device))
+                    token = sampled[:, 0].long().cpu()
+                    step = position - prompt_width
+                    token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+                    tokens[:, position] = token
+                    inference_input["tokens"][:, position] = token.to(device)
+                    log_probs[:, step] = sampled[:, 1].cpu()
+                    lengths += (~finished).long()
+                    finished |= torch.isin(token, self.eos_token_ids)
+                    if bool(finished.all()):
+                        break
         self.stage.train()
         return [
             Rollout(response=tokens[row, prompt_width: prompt_width + int(lengths[row])].tolist(),

@@ -2,10 +2,10 @@
 
 Tolerances: logits ≤ 1e-4 absolute (fp32); training losses ≤ 1e-5 absolute over 3 AdamW steps in fp32 and ≤ 2e-3 in
 bf16 (measured ≈ 2e-4: bf16 rounding differs with the TP reduction order); gradient norms at each of those steps
-1e-4 relative in fp32 (measured: TP2 3e-6, the PP2 layouts 5.7e-5, as before the chunked output head) and 2e-2 in bf16
-(measured 1e-3); a lost TP all-reduce of the input gradient shows up as tens of percent; the TP2PP2 checkpoint exported to HF
-equals the TP1PP1 run's weights to ≤ 1e-4 (measured 2.3e-5: Adam divides by sqrt(v), so for weights whose gradient
-is near zero a 1e-7 difference in the gradient moves the update by a visible fraction of lr = 1e-3).
+1e-4 relative in fp32 (measured: TP2 3e-6, the PP2 layouts 5.7e-5, as before the chunked output head) and 2e-2 in
+bf16 (measured 1e-3); a lost TP all-reduce of the input gradient shows up as tens of percent; the TP2PP2 checkpoint
+exported to HF equals the TP1PP1 run's weights to ≤ 1e-4 (measured 2.3e-5: Adam divides by sqrt(v), so for weights
+whose gradient is near zero a 1e-7 difference in the gradient moves the update by a visible fraction of lr = 1e-3).
 """
 import json
 from pathlib import Path

@@ -6,7 +6,8 @@
   inputs) 1e-2 relative, 2.5 bf16 ulps: the chunk's GEMM rounds logits of magnitude ~10 to bf16. Gradients: the same
   tolerance, relative to the largest entry.
 * The model's ``labels=`` path (also with a ``loss_mask``) and its batch-first logits against HF transformers (fp32,
-  tiny Qwen3, TP1), with an unpadded and a TP-padded vocabulary. Layouts TP2/PP2/SP go through the same head in tests/test_layouts.py.
+  tiny Qwen3, TP1), with an unpadded and a TP-padded vocabulary. Layouts TP2/PP2/SP go through the same head in
+  tests/test_layouts.py.
 """
 import pytest
 import torch

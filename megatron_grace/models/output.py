@@ -8,8 +8,8 @@ with a 49k vocabulary) or runs the vocabulary-parallel cross-entropy over them, 
 Megatron's path for everything it does not need to change (inference contexts, multi-token prediction) and replaces
 those two:
 
-* logits: the output layer runs on [B, S, H] hidden states (a copy 85× smaller than the logits) and returns [B, S, V/TP]
-  directly;
+* logits: the output layer runs on [B, S, H] hidden states (a copy 85× smaller than the logits) and returns
+  [B, S, V/TP] directly;
 * ``labels=`` (with an optional ``loss_mask=`` [B, S] of the positions to compute; others return 0):
   :class:`LinearCrossEntropy` computes ``-log p(label)`` chunk by chunk of tokens (output-layer GEMM,
   log-sum-exp and target logit on a block that stays small) and combines the vocabulary shards across the TP group
@@ -133,6 +133,8 @@ class GraceGPTModel(GPTModel):
             not self.post_process
             or self.mtp_process
             or (inference_context is not None and not self.training)
+            # Sequence-parallel logits: the output layer gathers the sequence dimension itself.
+            or (labels is None and self.output_layer.sequence_parallel)
         )
         if uses_megatron_path:
             return super()._postprocess(hidden_states=hidden_states, labels=labels,
@@ -140,9 +142,6 @@ class GraceGPTModel(GPTModel):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
             else self.output_layer.weight
         if labels is None:
-            if self.output_layer.sequence_parallel:  # the layer gathers the sequence dimension itself
-                return super()._postprocess(hidden_states=hidden_states, labels=labels,
-                                            inference_context=inference_context, **kwargs)
             logits, _ = self.output_layer(hidden_states.transpose(0, 1).contiguous(), weight=weight,
                                           runtime_gather_output=kwargs.get("runtime_gather_output"))
             return logits  # [B, S, V/TP]

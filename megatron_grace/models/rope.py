@@ -3,9 +3,10 @@
 Megatron-Core's unfused RoPE recomputes cos/sin of the rotary frequencies for the queries and the keys of every layer
 (60 times per forward for a 30-layer model) and rotates with a chunk/negate/concatenate sequence; in token-by-token
 generation those small ops dominate a layer. This version computes cos/sin once per frequency tensor (every layer of
-a forward receives the same one) and rotates in one compiled kernel (eagerly when decoding one token). Without
-Transformer Engine, Megatron's fused-RoPE hook is empty; :func:`install` fills it, so ``apply_rope_fusion=True`` routes the standard call sites here. The arithmetic
-per element is Megatron's own (t·cos + rotate_half(t)·sin), so results are bit-identical to the unfused path.
+a forward receives the same one) and rotates in one compiled kernel (eagerly for a single position). Without
+Transformer Engine, Megatron's fused-RoPE hook is empty; :func:`install` fills it, so ``apply_rope_fusion=True``
+routes the standard call sites here. The arithmetic per element is Megatron's own (t·cos + rotate_half(t)·sin), so
+results are bit-identical to the unfused path.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool 
     if interleaved:
         raise NotImplementedError("interleaved rotary embeddings are not used by the supported model families")
     cos, sin = _cos_sin(freqs, t.dtype)
-    # One token per row (decoding): a handful of tiny ops, cheaper eager than through the compiled graph's guards.
+    # One position (the query while decoding): a handful of tiny ops, cheaper eager than through the compiled graph's
+    # guards. Keys while decoding are the whole cache (Megatron's static path re-rotates it every step): compiled.
     return _rotate(t, cos, sin) if t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
 
 
