@@ -167,8 +167,20 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_minutes: float = 10.0) -> None:
-    """Start torch.distributed (nccl with CUDA, gloo without) and Megatron's parallel state, and seed all RNGs.
+def process_group_backend(cuda: bool) -> str:
+    """The torch.distributed backend: NCCL for CUDA tensors and gloo for CPU ones on a CUDA machine, gloo without.
+
+    A bare ``"nccl"`` serves CUDA tensors only, and a few collectives of a step are on small host tensors (the NaN/Inf
+    guard's flags, the checkpoint size estimate, metric objects): they need a backend for the ``cpu`` device type.
+    Subgroups (Megatron's TP/PP/DP groups) inherit the mapping.
+    """
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_minutes: float = 10.0,
+                           backend: str | None = None) -> None:
+    """Start torch.distributed (:func:`process_group_backend` unless ``backend`` is given) and Megatron's parallel
+    state, and seed all RNGs.
 
     Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain ``python`` start is a
     world of one.
@@ -182,10 +194,10 @@ def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        backend = "nccl" if has_cuda() else "gloo"
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend=backend or process_group_backend(has_cuda()),
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     layout.data_parallel_size(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

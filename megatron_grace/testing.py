@@ -63,6 +63,18 @@ def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Pa
     return out_dir
 
 
+def cuda_backend_on_cpu() -> str:
+    """The process-group backend a CUDA run starts with, NCCL played by gloo bound to the same device types.
+
+    A bare ``"nccl"`` serves the ``cuda`` device type only, so it becomes ``"cuda:gloo"``: on CPU, any collective of a
+    CPU tensor then fails as it would under NCCL ("No backend type associated with device type cpu").
+    """
+    from .platform import process_group_backend
+
+    backend = process_group_backend(cuda=True)
+    return {"nccl": "cuda:nccl"}.get(backend, backend).replace("nccl", "gloo")
+
+
 def run_torchrun(script: str | Path, *args: str, nproc: int = 4, timeout: float = 900) -> None:
     """Run ``script`` on ``nproc`` local ranks (gloo on CPU); raise with the tail of its output if it fails."""
     import os

@@ -7,6 +7,10 @@ on the way:
 * ``gate_proj`` and ``up_proj`` are fused into ``linear_fc1`` as [gate; up]. Under TP each rank holds
   [gate shard; up shard], so fc1 is sharded per half (see :func:`shard_for_rank`).
 The vocabulary is zero-padded to ``arch.padded_vocab_size`` on the way in and cut back on the way out.
+Megatron parameter names come in two forms: the local layer spec's (``input_layernorm.weight``, used here) and
+Transformer Engine's, whose spec fuses the two per-layer norms into the next linear layer
+(``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``). The adapter reads both
+(:func:`local_spec_name`) and loads into models of either spec.
 Families differ only in which tensors exist (qkv biases for Qwen2, q/k norms for Qwen3, lm_head unless tied), so one
 adapter serves all of them.
 """
@@ -29,6 +33,31 @@ _RENAMED_LAYER_TENSORS = {
     "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
 }
+
+
+# Transformer Engine layer spec: the pre-attention and pre-MLP norms live inside the fused norm + linear modules. The
+# q/k norms keep their names (``self_attention.q_layernorm`` / ``k_layernorm``) in both specs.
+_TE_FUSED_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_LOCAL_NORM_NAMES = {te: local for local, te in _TE_FUSED_NORM_NAMES.items()}
+
+
+def local_spec_name(name: str) -> str:
+    """A Megatron parameter name of either layer spec → the local spec's name (what this adapter reads and writes)."""
+    for te_suffix, local_suffix in _LOCAL_NORM_NAMES.items():
+        if name.endswith("." + te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
+
+
+def transformer_engine_name(name: str) -> str:
+    """A local-spec Megatron parameter name → the Transformer Engine spec's name of the same tensor."""
+    for local_suffix, te_suffix in _TE_FUSED_NORM_NAMES.items():
+        if name.endswith("." + local_suffix):
+            return name[: -len(local_suffix)] + te_suffix
+    return name
 
 
 class StateDictMismatchError(ValueError):
@@ -110,7 +139,9 @@ def _hf_names(arch: ModelArchitecture) -> set[str]:
 
 
 def mcore_to_hf(mc_state: dict[str, torch.Tensor], arch: ModelArchitecture) -> dict[str, torch.Tensor]:
-    """Global Megatron GPTModel state dict → HF ``*ForCausalLM`` state dict (inverse of :func:`hf_to_mcore`)."""
+    """Global Megatron GPTModel state dict (names of either layer spec) → HF ``*ForCausalLM`` state dict (inverse of
+    :func:`hf_to_mcore`)."""
+    mc_state = {local_spec_name(name): tensor for name, tensor in mc_state.items()}
     hidden, head_dim = arch.hidden_size, arch.head_dim
     groups, heads_per_group = arch.num_query_groups, arch.num_attention_heads // arch.num_query_groups
     padded = arch.padded_vocab_size
@@ -163,7 +194,8 @@ def global_name(local_name: str, layer_offset: int) -> str:
 
 @torch.no_grad()
 def load_global_state_into_model(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
-    """Copy a global Megatron state dict into this rank's model stage (any TP/PP), checking every shape."""
+    """Copy a global Megatron state dict (local-spec names) into this rank's model stage (any TP/PP, either layer
+    spec), checking every shape."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -171,7 +203,7 @@ def load_global_state_into_model(model: torch.nn.Module, global_state: dict[str,
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     offset = get_transformer_layer_offset(model.config)
     for local_name, param in model.named_parameters():
-        name = global_name(local_name, offset)
+        name = local_spec_name(global_name(local_name, offset))
         if name == "output_layer.weight" and name not in global_state:
             # Tied embeddings: the last stage keeps its own copy of the input embedding.
             name = "embedding.word_embeddings.weight"

@@ -5,6 +5,10 @@
    (identical step 3) and at TP1PP1 (step 3 equal to float tolerance);
 3. unsupervised mode at TP2 with sequence parallelism (pooling from sequence shards);
 4. KL (reference model) and entropy terms at TP2PP2.
+The process group starts with the backend a CUDA run uses, NCCL played by gloo bound to the same device types
+(:func:`~megatron_grace.testing.cuda_backend_on_cpu`): a collective on a CPU tensor anywhere in a step or a save (the
+NaN/Inf guard's flags, the checkpoint size estimate, metric objects) fails here as it would under NCCL unless the
+backend also serves the ``cpu`` device type.
 argv: tiny HF model dir, supervised data, unsupervised data, output dir. Rank 0 writes results.json there.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from megatron.core import parallel_state
 
 from megatron_grace.arguments import parse_args
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
+from megatron_grace.testing import cuda_backend_on_cpu
 from megatron_grace.train import GraceTrainer
 
 
@@ -46,7 +51,7 @@ def run(tp: int, pp: int, *extra: str, sequence_parallel: bool = False) -> list[
 def main() -> None:
     global MODEL, SUPERVISED
     MODEL, SUPERVISED, unsupervised, out = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    initialize_distributed(ParallelLayout())
+    initialize_distributed(ParallelLayout(), backend=cuda_backend_on_cpu())
     results = {
         "tp1pp1": run(1, 1, "--train-iters", "2"),
         "tp2pp2": run(2, 2, "--train-iters", "2"),
