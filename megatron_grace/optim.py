@@ -84,9 +84,10 @@ def wrap_for_training(model, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
-    _fix_torch_adamw_checkpoint_loading()
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner.init_state_fn = _with_step_counter(inner.init_state_fn)
+        if keeps_step_per_parameter(inner.optimizer):
+            _fix_torch_adamw_checkpoint_loading()
+            inner.init_state_fn = _with_step_counter(inner.init_state_fn)
         # Eager state (zero moments, step 0: what AdamW creates lazily at its first step) so that a fresh optimizer
         # can take a checkpoint's state, whose loading starts from this optimizer's own state_dict.
         inner.init_state_fn(inner.optimizer, inner.config)
@@ -94,6 +95,13 @@ def wrap_for_training(model, settings: OptimizerSettings):
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp_model.no_sync
     return ddp_model, optimizer
+
+
+def keeps_step_per_parameter(optimizer) -> bool:
+    """torch's Adam/AdamW (Megatron's choice without TE or apex) keep a ``step`` tensor in every parameter's state.
+    TE's and apex's FusedAdam keep it in the param groups, and TE's ``state_dict()`` raises ``KeyError`` on any other
+    per-parameter key, so nothing may be added for them."""
+    return isinstance(optimizer, torch.optim.Adam)  # AdamW subclasses Adam
 
 
 def _with_step_counter(init_state_fn):
