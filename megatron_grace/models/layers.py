@@ -27,7 +27,10 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 class SDPAttention(MegatronModule):
-    """Core attention: [sq, b, np, hn] queries and [sk, b, ng, hn] keys/values → [sq, b, np·hn]."""
+    """Core attention: [sq, b, np, hn] queries and [sk, b, ng, hn] keys/values → [sq, b, np·hn]. A given boolean
+    ``attention_mask`` is always applied, whatever the mask type (rollouts rely on it for left padding)."""
+
+    honours_attention_mask = True
 
     def __init__(
         self,

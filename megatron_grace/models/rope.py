@@ -31,6 +31,11 @@ def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return _cache[key][1], _cache[key][2]
 
 
+def clear_cache() -> None:
+    """Drop the cached cos/sin (called after rollouts, whose frequencies are inference-mode tensors)."""
+    _cache.clear()
+
+
 def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused) -> torch.Tensor:
     """Rotate ``t`` [s, b, heads, dim] by ``freqs`` [s, 1, 1, rot_dim] (rot_dim ≤ dim; the rest passes through)."""
     if interleaved:

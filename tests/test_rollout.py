@@ -1,0 +1,128 @@
+"""Rollouts on every layer spec (tiny Qwen3, fp32, TP1, one process).
+
+* A row gives the same tokens alone as in a batch of prompts of other lengths, with our SDPA core attention (applies
+  the left-padding mask) and with an attention that drops the mask for the causal and no-mask types the way
+  Transformer Engine's ``DotProductAttention`` does: there rollouts must never put a pad before a real token.
+  Log-probs alone vs batched: ≤ 1e-5 absolute.
+* The sampling log-probs of the T=1 rows equal the one-pass forward's (training's ``logprob_mismatch``) to ≤ 1e-4 on
+  both specs (measured: ≤ 1e-6).
+* After a rollout, a training forward + backward of the same width works with a RoPE that saves its frequencies for
+  backward as TE's fused RoPE does (Megatron's RoPE ``lru_cache`` would hand it the rollout's inference tensors).
+"""
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_grace.data.prompts import Prompt
+from megatron_grace.experience import SequenceBatch, one_pass_forward
+from megatron_grace.models import architecture_from_hf_config
+from megatron_grace.models.builder import build_gpt_model, make_transformer_config
+from megatron_grace.models.layers import SDPAttention
+from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
+from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+from megatron_grace.testing import tiny_hf_model
+
+EOS = 2
+MAX_NEW_TOKENS = 12
+
+
+class MaskDroppingAttention(SDPAttention):
+    """Ignores the boolean mask for the causal and no-mask types, as Transformer Engine's attention does."""
+
+    honours_attention_mask = False
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if mask_type in (AttnMaskType.causal, AttnMaskType.no_mask):
+            attention_mask = None
+        return super().forward(query, key, value, attention_mask, attn_mask_type=mask_type, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    initialize_distributed(ParallelLayout())
+    hf_model = tiny_hf_model("qwen3", eos_token_id=EOS, eos_logit_scale=50.0, vocab_size=512)
+    arch = architecture_from_hf_config({**hf_model.config.to_dict(), "architectures": ["Qwen3ForCausalLM"]})
+    stage = build_gpt_model(arch, make_transformer_config(arch))
+    load_global_state_into_model(stage, hf_to_mcore(hf_model.state_dict(), arch))
+    yield stage
+    destroy_distributed()
+
+
+def with_core_attention(stage, attention_class):
+    for layer in stage.decoder.layers:
+        old = layer.self_attention.core_attention
+        new = attention_class(stage.config, old.layer_number if hasattr(old, "layer_number") else 1,
+                              old.attn_mask_type, "self")
+        layer.self_attention.core_attention = new
+    return stage
+
+
+def requests() -> list[RolloutRequest]:
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (5, 11, 8, 14)]
+    rows = [(prompts[0], 1.0), (prompts[0], 1.0), (prompts[1], 1.0), (prompts[2], 0.5), (prompts[3], 1.0)]
+    return [RolloutRequest(prompt, temperature, row_seed(1234, 0, sample_id=row, rollout_index=0))
+            for row, (prompt, temperature) in enumerate(rows)]
+
+
+@pytest.fixture(params=["sdpa", "mask-dropping"])
+def spec(request, model):
+    with_core_attention(model, SDPAttention if request.param == "sdpa" else MaskDroppingAttention)
+    yield request.param
+    with_core_attention(model, SDPAttention)
+
+
+def test_rows_sample_the_same_alone_and_in_a_batch(model, spec):
+    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0)
+    batched = engine.generate(requests(), MAX_NEW_TOKENS)
+    assert any(r.truncated for r in batched) and any(not r.truncated for r in batched)
+    for request, together in zip(requests(), batched):
+        alone, = engine.generate([request], MAX_NEW_TOKENS)
+        assert alone.response == together.response
+        assert alone.truncated == together.truncated
+        torch.testing.assert_close(torch.tensor(alone.log_probs), torch.tensor(together.log_probs), rtol=0, atol=1e-5)
+
+
+def test_sampling_log_probs_equal_the_one_pass_forward(model, spec):
+    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0)
+    rollouts = engine.generate(requests(), MAX_NEW_TOKENS)
+    batch = SequenceBatch.build([Prompt(r.prompt, 0) for r in requests()], rollouts, pad_token_id=0)
+    old_log_probs = one_pass_forward(model, batch, micro_batch_size=5).old_log_probs
+    # The forward scores at T=1, so compare the T=1 rows (training's metric covers the main rows, all at T=1).
+    at_t1 = torch.tensor([r.temperature == 1.0 for r in requests()])
+    mask = batch.response_target_mask() & at_t1.unsqueeze(1)
+    sampled = torch.cat([torch.tensor(r.log_probs) for r, keep in zip(rollouts, at_t1) if keep])
+    mismatch = (old_log_probs[mask] - sampled).abs()
+    assert mismatch.numel() == sum(len(r.response) for r, keep in zip(rollouts, at_t1) if keep) > 0
+    assert float(mismatch.max()) < 1e-4, float(mismatch.max())
+
+
+class _RotationSavingFrequencies(torch.autograd.Function):
+    """A fused RoPE that saves its frequencies for backward, as Transformer Engine's does."""
+
+    @staticmethod
+    def forward(ctx, t, freqs):
+        ctx.save_for_backward(freqs)
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        freqs, = ctx.saved_tensors
+        return rope_utils._apply_rotary_pos_emb_bshd(grad, -freqs), None  # R(θ)ᵀ = R(-θ)
+
+
+def test_update_after_rollout_with_a_rope_that_saves_its_frequencies(model, monkeypatch):
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb",
+                        lambda t, freqs, **unused: _RotationSavingFrequencies.apply(t, freqs))
+    rows = requests()
+    RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0).generate(rows, MAX_NEW_TOKENS)
+    width = max(len(r.prompt) for r in rows) + MAX_NEW_TOKENS  # the rollout's sequence length
+    tokens = torch.randint(3, 512, (2, width), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(width).expand(2, -1)
+    losses = model(tokens, positions, None, labels=torch.roll(tokens, -1, dims=1))
+    losses.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
