@@ -57,9 +57,9 @@ def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtyp
         qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # SwiGLU through Megatron's jit-fused kernel (pure torch; 2x faster than silu on the strided half of fc1 on
-        # CPU).
-        # The other fusions need apex/TE kernels; their unfused paths are numerically the reference ones.
+        # SwiGLU through Megatron's jit-fused kernel (pure torch, faster than silu on the strided half of fc1 on CPU
+        # too: docs/performance.md). The other fusions need apex/TE kernels; their unfused paths are numerically the
+        # reference ones.
         bias_activation_fusion=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

@@ -27,9 +27,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
-# Elements of one chunk of logits (float32): 2^23 × 4 B = 32 MB, e.g. 170 tokens of a 49k vocabulary (fastest of
-# 2^20 … 2^24 on CPU: smaller chunks starve the GEMM, larger ones fall out of cache).
-CHUNK_LOGIT_ELEMENTS = 1 << 23
+# Elements of one chunk of float32 logits, per device. CPU: sized to the cache (2^23 × 4 B = 32 MB, 170 tokens of a 49k
+# vocabulary; the measurement is in docs/performance.md). CUDA: sized for GEMM efficiency and memory (1 GB, ~1700 tokens
+# of a 152k vocabulary per chunk).
+CHUNK_LOGIT_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, valid_columns: int, out: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         local_labels = torch.where(on_this_shard, local_labels, 0)
 
         tokens = hidden.shape[0]
-        chunk = max(1, CHUNK_LOGIT_ELEMENTS // shard)
+        chunk = max(1, CHUNK_LOGIT_ELEMENTS[hidden.device.type] // shard)
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         log_sum_exp = torch.empty(tokens, dtype=accumulate, device=hidden.device)
         label_logit = torch.empty(tokens, dtype=accumulate, device=hidden.device)

@@ -41,9 +41,10 @@ def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool 
     if interleaved:
         raise NotImplementedError("interleaved rotary embeddings are not used by the supported model families")
     cos, sin = _cos_sin(freqs, t.dtype)
-    # One position (the query while decoding): a handful of tiny ops, cheaper eager than through the compiled graph's
-    # guards. Keys while decoding are the whole cache (Megatron's static path re-rotates it every step): compiled.
-    return _rotate(t, cos, sin) if t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
+    # The compiled rotation is a CPU choice (measured there, docs/performance.md): on CUDA the element-wise ops are
+    # cheap kernels. One position (the query while decoding) is a handful of tiny ops, cheaper eager than through the
+    # compiled graph's guards.
+    return _rotate(t, cos, sin) if t.is_cuda or t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,9 +56,8 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat(parts, dim=-1)
 
 
-# Compiled into one pass over t: eager, the six element-wise ops and the concatenation take 7.5 ms per layer at
-# 16 × 256 tokens on two CPU cores, compiled 0.8 ms, with equal results. Dynamic shapes from the start: sequence
-# length, batch and heads per TP rank vary between prefill, training and layouts.
+# Compiled into one pass over t (equal results to the eager ops). Dynamic shapes from the start: sequence length, batch
+# and heads per TP rank vary between prefill, training and layouts.
 _rotate_compiled = torch.compile(_rotate, dynamic=True)
 
 
@@ -67,7 +67,8 @@ def install() -> None:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary_cached
-    # Queries and keys (different head counts and strides), grad modes (rollout prefill, no-grad pass, update) and
-    # the 0/1 specialisation of heads per TP rank each give the compiled rotation (and Megatron's compiled SwiGLU) a
-    # graph; past torch's default limit of 8 per function, dynamo silently falls back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    if not torch.cuda.is_available():
+        # CPU only, where the rotation is compiled: queries and keys (different head counts and strides), grad modes
+        # (rollout prefill, no-grad pass, update) and the 0/1 specialisation of heads per TP rank each give it (and
+        # Megatron's compiled SwiGLU) a graph; past torch's default limit of 8 per function, dynamo falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
