@@ -136,16 +136,20 @@ def _local_sample_triton(logits, temperatures, keys, vocab_size: int, vocab_star
 # ----------------------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------------
-def _combine_shards(best_score, best_index, log_sum_exp, best_logit, group):
-    """One all-gather of [rows, 4] over the TP group: the shard with the highest score wins (the lowest rank, i.e.
-    the lowest vocabulary id, on a tie); log-sum-exps combine in log space."""
-    packed = torch.stack([best_score.double(), best_index.double(), log_sum_exp.double(), best_logit.double()], 1)
-    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, packed, group=group)
-    stacked = torch.stack(parts)  # [TP, rows, 4]
+def pick_across_shards(stacked: torch.Tensor):
+    """[shards, rows, 4] (best score, global id, log-sum-exp, winning scaled logit) → (tokens, winning scaled logits,
+    log-sum-exps over the whole vocabulary). The highest score wins; on a tie the first shard (lowest ids)."""
     winner = stacked[:, :, 0].argmax(dim=0)
     chosen = stacked.gather(0, winner.view(1, -1, 1).expand(1, -1, 4)).squeeze(0)
     return chosen[:, 1].long(), chosen[:, 3], torch.logsumexp(stacked[:, :, 2], dim=0)
+
+
+def _combine_shards(best_score, best_index, log_sum_exp, best_logit, group):
+    """One all-gather of [rows, 4] float64 values over the TP group (ids are exact in float64)."""
+    packed = torch.stack([best_score.double(), best_index.double(), log_sum_exp.double(), best_logit.double()], 1)
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, packed, group=group)
+    return pick_across_shards(torch.stack(parts))
 
 
 def _sample(local_sample, logits, temperatures, row_seeds, positions, vocab_size, vocab_start, group):

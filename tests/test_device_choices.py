@@ -24,20 +24,26 @@ def test_logit_chunks_are_sized_per_device():
 def test_dynamo_recompile_limit_is_raised_only_without_cuda(monkeypatch):
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    rope.install()
-    assert torch._dynamo.config.recompile_limit == 8
-    assert rope_utils.fused_apply_rotary_pos_emb is rope.apply_rotary_cached
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rope.install()
-    assert torch._dynamo.config.recompile_limit == 32
+    # dynamo's config module is restored by hand: monkeypatch's undo deletes the attribute there.
+    saved = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        rope.install()
+        assert torch._dynamo.config.recompile_limit == 8
+        assert rope_utils.fused_apply_rotary_pos_emb is rope.apply_rotary_cached
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        rope.install()
+        assert torch._dynamo.config.recompile_limit == 32
+    finally:
+        torch._dynamo.config.recompile_limit = saved
 
 
 def test_rope_rotation_is_compiled_only_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(rope, "_rotate_compiled", lambda t, cos, sin: calls.append("compiled") or rope._rotate(t, cos, sin))
+    monkeypatch.setattr(rope, "_rotate_compiled",
+                        lambda t, cos, sin: calls.append("compiled") or rope._rotate(t, cos, sin))
     t = torch.randn(4, 1, 2, 8)
     freqs = torch.randn(4, 1, 1, 8)
     rope.apply_rotary_cached(t, freqs)

@@ -202,7 +202,8 @@ def test_same_seed_and_layout_give_identical_metrics(crashes):
     """Separate processes: the run killed at step 3 logged steps 1-2 before dying, identical to the reference."""
     reference = crashes["reference_state"]["metrics"]
     assert crashes["after_mid_step_kill"]["metrics"] == reference[:2]
-    assert reference[0]["loss"] != 0 and reference[0]["grad_norm"] > 0  # real updates, not a trivially equal run
+    # Real updates, not a trivially equal run (a step whose groups all truncate has zero advantages and loss).
+    assert any(step["loss"] != 0 and step["grad_norm"] > 0 for step in reference[:2])
 
 
 # ------------------------------------------------------------------------------------------ 4, 5: data

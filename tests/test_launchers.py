@@ -1,0 +1,116 @@
+"""The real launchers, end to end on a tiny model (gloo on CPU).
+
+* Multi-node: two launches of ``examples/pretrain_grace.sh`` with ``NNODES=2`` (``NODE_RANK`` 0 and 1,
+  ``MASTER_ADDR=127.0.0.1``, 2 processes each) train 1 step with save, then resume to step 2; steps 1-2 equal one
+  launch of 4 processes (same DP4 layout and reduction order: exact, float metrics to 1e-6 relative).
+* SLURM: ``examples/slurm/pretrain_grace.sbatch`` submitted with ``sbatch --nodes=1 --gpus-per-node=0`` to the one-node
+  cluster ``.ci/slurm.sh`` starts (munged, slurmctld, slurmd): 2 steps with save and HF export; the job's state, its
+  logs and the export are checked. Skipped where no cluster answers (``sinfo`` fails).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_grace.platform import free_port
+from megatron_grace.testing import save_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data" / "train_supervised.jsonl"
+VOLATILE = ("seconds_per_step", "peak_memory_gb")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, smollm2_tokenizer_dir):
+    root = tmp_path_factory.mktemp("launchers")
+    model = save_tiny_hf_model("qwen3", root / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0)
+    data = root / "train.jsonl"
+    data.write_text("".join(DATA.read_text().splitlines(True)[:32]))
+    flags = ["--hf-model", str(model), "--train-data", str(data), "--global-batch-size", "4",
+             "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "4", "--max-response-length",
+             "8", "--max-prompt-length", "128", "--lr", "2e-5", "--sample-interval", "0", "--save-interval", "1"]
+    return root, flags
+
+
+def launcher_env(**extra) -> dict:
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+
+
+def launch(run_dir: Path, flags: list[str], *, iters: int, nodes: int) -> None:
+    """One launch of the example script on ``nodes`` simulated nodes (4 processes in all), waiting for all."""
+    command = ["bash", str(REPO / "examples" / "pretrain_grace.sh"), *flags, "--train-iters", str(iters),
+               "--save", str(run_dir), "--load", str(run_dir), "--export-hf", str(run_dir / "hf")]
+    port = str(free_port())
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=launcher_env(SAVE_DIR=str(run_dir), NNODES=str(nodes), NODE_RANK=str(rank),
+                                                   NPROC_PER_NODE=str(4 // nodes), MASTER_ADDR="127.0.0.1",
+                                                   MASTER_PORT=port))
+                 for rank in range(nodes)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-6000:]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items()
+             if not (k.startswith("time_") or k.endswith("_per_s") or k in VOLATILE)}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_with_resume_equal_one_node(workspace):
+    root, flags = workspace
+    launch(root / "one_node", flags, iters=2, nodes=1)
+    launch(root / "two_nodes", flags, iters=1, nodes=2)
+    launch(root / "two_nodes", flags, iters=2, nodes=2)  # resumes from the step-1 checkpoint
+    expected, actual = metrics(root / "one_node"), metrics(root / "two_nodes")
+    assert [m["step"] for m in actual] == [1, 2] and expected[0]["grad_norm"] > 0
+    for ours, reference in zip(actual, expected):
+        assert ours.keys() == reference.keys()
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert (root / "two_nodes" / "hf" / "config.json").is_file()
+    assert (root / "two_nodes" / "metrics.png").is_file()
+
+
+def slurm_cluster_up() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+def test_sbatch_job_trains_and_exports(workspace):
+    if not slurm_cluster_up():
+        pytest.skip("no SLURM cluster answers (.ci/run starts one: bash .ci/slurm.sh)")
+    root, flags = workspace
+    run_dir, logs = root / "slurm_run", root / "slurm_logs"
+    config = root / "tiny_config.sh"
+    # A config in the format of examples/configs: GRACE_ARGS, the run directory in GRACE_SAVE_DIR.
+    config.write_text("GRACE_SAVE_DIR=" + str(run_dir) + "\nGRACE_ARGS=(" + " ".join(
+        f'"{flag}"' for flag in [*flags, "--train-iters", "2", "--save", str(run_dir), "--load", str(run_dir),
+                                 "--export-hf", str(run_dir / "hf")]) + ")\n")
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=2",
+         "--mem=0", "--time=20", f"--output={root}/slurm-%j.out", "--export=ALL",
+         str(REPO / "examples" / "slurm" / "pretrain_grace.sbatch")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=launcher_env(CONFIG=str(config), LOG_ROOT=str(logs), NPROC_PER_NODE="2"))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    state, deadline = "", time.monotonic() + 600
+    while time.monotonic() < deadline:
+        state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        if "JobState=COMPLETED" in state or "JobState=FAILED" in state or "JobState=CANCELLED" in state:
+            break
+        time.sleep(3)
+    output = (root / f"slurm-{job}.out").read_text() if (root / f"slurm-{job}.out").is_file() else ""
+    node_logs = "".join(p.read_text() for p in logs.glob("*/node*.log"))
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + output + node_logs[-4000:]
+    assert "launch.txt" in {p.name for p in logs.glob("*/*")}
+    assert "summary:" in node_logs
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+    assert (run_dir / "hf" / "config.json").is_file()
