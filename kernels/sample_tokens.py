@@ -57,10 +57,9 @@ def gumbel_noise_reference(keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------------------------------------------
 # Torch reference: local (one vocabulary shard) statistics
 # ----------------------------------------------------------------------------------------------------------------
-def _local_sample_reference(logits, temperatures, keys, vocab_size: int, vocab_start: int):
+def _local_sample_reference(logits, temperatures, keys, valid: int, vocab_start: int):
     """Per row of this shard: best noisy score, its global id, the shard's log-sum-exp of logits / T and the winning
-    scaled logit. Columns at or past ``vocab_size - vocab_start`` are padding."""
-    valid = max(min(logits.shape[1], vocab_size - vocab_start), 0)
+    scaled logit. Columns from ``valid`` on are padding."""
     scaled = logits[:, :valid].float() / temperatures.float().unsqueeze(1)
     vocab_ids = torch.arange(vocab_start, vocab_start + valid, device=logits.device, dtype=torch.int64)
     scores = scaled + gumbel_noise_reference(keys, vocab_ids)
@@ -118,9 +117,8 @@ def _sample_tokens_kernel(logits_ptr, stride_row, temperature_ptr, key_ptr, best
     tl.store(best_logit_ptr + row, best_logit)
 
 
-def _local_sample_triton(logits, temperatures, keys, vocab_size: int, vocab_start: int):
+def _local_sample_triton(logits, temperatures, keys, valid: int, vocab_start: int):
     rows = logits.shape[0]
-    valid = max(min(logits.shape[1], vocab_size - vocab_start), 0)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     best_score = torch.empty(rows, dtype=torch.float32, device=logits.device)
     best_index = torch.empty(rows, dtype=torch.int64, device=logits.device)
@@ -155,10 +153,11 @@ def _combine_shards(best_score, best_index, log_sum_exp, best_logit, group):
 def _sample(local_sample, logits, temperatures, row_seeds, positions, vocab_size, vocab_start, group):
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab], got {tuple(logits.shape)}")
-    vocab_size = vocab_start + logits.shape[1] if vocab_size is None else vocab_size
+    width = logits.shape[1]
+    valid = width if vocab_size is None else max(min(width, vocab_size - vocab_start), 0)  # this shard's real columns
     keys = row_position_keys(row_seeds.to(logits.device, torch.int64), positions.to(logits.device, torch.int64))
     best_score, best_index, log_sum_exp, best_logit = local_sample(logits, temperatures.to(logits.device), keys,
-                                                                   vocab_size, vocab_start)
+                                                                   valid, vocab_start)
     if group is not None and dist.get_world_size(group) > 1:
         tokens, best_logit, log_sum_exp = _combine_shards(best_score, best_index, log_sum_exp, best_logit, group)
     else:

@@ -158,7 +158,7 @@ class RolloutEngine:
             start = int(prompt_starts[row])
             tokens[row, start: start + len(request.prompt)] = torch.tensor(request.prompt)
         attention_mask = None
-        if prefill_end == int(prompt_lengths.max()) and bool((prompt_starts > 0).any()):
+        if bool((prompt_starts > 0).any()):
             # Megatron masks are True where attention is forbidden: causal, plus the left padding of each row.
             is_pad = torch.arange(total).unsqueeze(0) < prompt_starts.unsqueeze(1)
             attention_mask = (torch.ones(total, total, dtype=torch.bool).triu(1).unsqueeze(0)

@@ -63,6 +63,16 @@ def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Pa
     return out_dir
 
 
+# Per-step metrics that measure the machine, not the run: runs are compared without them.
+VOLATILE_METRICS = ("seconds_per_step", "peak_memory_gb")
+
+
+def stable_metrics(metrics: dict) -> dict:
+    """A step's metrics without timings, throughputs and memory (``time_*``, ``*_per_s``, :data:`VOLATILE_METRICS`)."""
+    return {k: v for k, v in metrics.items()
+            if not (k.startswith("time_") or k.endswith("_per_s") or k in VOLATILE_METRICS)}
+
+
 def cuda_backend_on_cpu() -> str:
     """The process-group backend a CUDA run starts with, NCCL played by gloo bound to the same device types.
 

@@ -29,7 +29,7 @@ import pytest
 from megatron_grace.platform import free_port
 from megatron_grace.checkpointing import CheckpointError, iteration_dir, resolve_checkpoint
 from megatron_grace.reliability import NonFiniteError, NonFiniteGuard, SaveLocationError, check_save_location
-from megatron_grace.testing import run_torchrun, save_tiny_hf_model
+from megatron_grace.testing import run_torchrun, save_tiny_hf_model, stable_metrics
 
 WORKER = Path(__file__).parent / "distributed" / "fault_worker.py"
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "train_supervised.jsonl"
@@ -40,7 +40,6 @@ BAD_ROWS = {"invalid JSON": 4, "invalid UTF-8": 6, "missing field 'positive'": 7
             "main prompt over 128 tokens": 10}
 KEPT_SAMPLE_IDS = [0, 1, 2, 4, 8, 10]
 LONG_TEXT = "word " * 400  # ~400 tokens: over --max-prompt-length 128
-VOLATILE = ("seconds_per_step", "peak_memory_gb")
 
 
 def training_file(path: Path) -> Path:
@@ -97,8 +96,7 @@ def launch(workspace: Workspace, run_dir: Path, *extra: str, faults: dict | None
 
 def metrics_lines(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items()
-             if not (k.startswith("time_") or k.endswith("_per_s") or k in VOLATILE)} for line in lines]
+    return [stable_metrics(json.loads(line)) for line in lines]
 
 
 def run_state(run_dir: Path) -> dict:

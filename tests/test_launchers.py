@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from megatron_grace.platform import free_port
-from megatron_grace.testing import save_tiny_hf_model
+from megatron_grace.testing import save_tiny_hf_model, stable_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "train_supervised.jsonl"
-VOLATILE = ("seconds_per_step", "peak_memory_gb")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +56,7 @@ def launch(run_dir: Path, flags: list[str], *, iters: int, nodes: int) -> None:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items()
-             if not (k.startswith("time_") or k.endswith("_per_s") or k in VOLATILE)}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [stable_metrics(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_nodes_with_resume_equal_one_node(workspace):

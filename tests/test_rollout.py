@@ -53,11 +53,9 @@ def model():
 
 def with_core_attention(stage, attention_class):
     for layer in stage.decoder.layers:
-        old = layer.self_attention.core_attention
-        new = attention_class(stage.config, old.layer_number if hasattr(old, "layer_number") else 1,
-                              old.attn_mask_type, "self")
-        layer.self_attention.core_attention = new
-    return stage
+        attention = layer.self_attention
+        attention.core_attention = attention_class(stage.config, layer.layer_number,
+                                                   attention.core_attention.attn_mask_type, "self")
 
 
 def requests() -> list[RolloutRequest]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..platform import has_cuda
+
 # key -> (frequency tensor, cos, sin), two entries: with a KV cache, queries and keys get different frequency slices.
 # Holding the frequency tensor keeps its storage alive, so its data pointer cannot be reused while the entry is cached.
 _cache: dict[tuple, tuple] = {}
@@ -67,7 +69,7 @@ def install() -> None:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = apply_rotary_cached
-    if not torch.cuda.is_available():
+    if not has_cuda():
         # CPU only, where the rotation is compiled: queries and keys (different head counts and strides), grad modes
         # (rollout prefill, no-grad pass, update) and the 0/1 specialisation of heads per TP rank each give it (and
         # Megatron's compiled SwiGLU) a graph; past torch's default limit of 8 per function, dynamo falls back to eager.

@@ -25,10 +25,8 @@ from megatron_grace.checkpointing import CheckpointError, iteration_dir, read_la
 from megatron_grace.data.dataset import DataError
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.reliability import NonFiniteError, SaveLocationError
+from megatron_grace.testing import stable_metrics
 from megatron_grace.train import GraceTrainer
-
-VOLATILE = ("seconds_per_step", "peak_memory_gb")
-
 
 def trainer(*extra: str, tp: int = 1, pp: int = 1, model: str | None = None) -> GraceTrainer:
     """The reference run's flags (tests/test_faults.py), on the given layout."""
@@ -38,11 +36,6 @@ def trainer(*extra: str, tp: int = 1, pp: int = 1, model: str | None = None) -> 
     flags = [*FLAGS, "--hf-model", model or MODEL, "--tensor-model-parallel-size", str(tp),
              "--pipeline-model-parallel-size", str(pp), *extra]
     return GraceTrainer(parse_args(flags))
-
-
-def stable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items()
-            if not (k.startswith("time_") or k.endswith("_per_s") or k in VOLATILE)}
 
 
 def attempt(action) -> tuple[object, str | None]:
@@ -88,13 +81,13 @@ def resume_checks(reference: Path, out: Path) -> dict:
     fallback, log = logged(lambda: trainer("--load", str(run), "--fallback-to-previous-checkpoint"))
     results["fallback_log"] = log
     results["fallback_iteration"] = fallback.iteration
-    results["fallback_step"] = stable(fallback.train_step())
+    results["fallback_step"] = stable_metrics(fallback.train_step())
     # Another layout from the checkpoint after step 2 (pointer rewound, as after a crash).
     if dist.get_rank() == 0:
         (run / "latest_checkpointed_iteration.txt").write_text("2")
     dist.barrier()
-    results["tp2_step"] = stable(trainer("--load", str(run), tp=2).train_step())
-    results["pp2_step"] = stable(trainer("--load", str(run), pp=2).train_step())
+    results["tp2_step"] = stable_metrics(trainer("--load", str(run), tp=2).train_step())
+    results["pp2_step"] = stable_metrics(trainer("--load", str(run), pp=2).train_step())
     results["other_model_error"] = error_of(lambda: trainer("--load", str(run), model=OTHER_MODEL))
     return results
 
@@ -124,10 +117,10 @@ def degenerate_and_full_disk_checks(never_ending_model: str, out: Path) -> dict:
     fills up while saving step 2."""
     save = out / "degenerate_run"
     run = trainer("--save", str(save), "--max-response-length", "2", model=never_ending_model)
-    results = {"plain": stable(run.train_step())}
+    results = {"plain": stable_metrics(run.train_step())}
     run.save()
     run.args.norm_adv_by_std = True
-    results["std_normalised"] = stable(run.train_step())
+    results["std_normalised"] = stable_metrics(run.train_step())
     os.environ["GRACE_FAULT_ENOSPC"] = "2"
     results["enospc_error"] = error_of(run.save)
     del os.environ["GRACE_FAULT_ENOSPC"]
