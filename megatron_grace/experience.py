@@ -94,6 +94,18 @@ class Experience:
     embeddings: torch.Tensor | None  # [N, H] fp32, not normalised
 
 
+def logprob_mismatch_sum(rollouts: list[Rollout], old_log_probs: torch.Tensor,
+                         target_mask: torch.Tensor) -> torch.Tensor:
+    """Σ |sampling log-prob − one-pass forward log-prob| over the response targets of these rows, computed where the
+    forward's log-probs live (the batch's masks are host tensors; on a GPU they must move, not the log-probs)."""
+    mask = target_mask.to(old_log_probs.device)
+    sampled = torch.zeros_like(old_log_probs)
+    # Row-major order of the mask's True positions is each row's response, in order.
+    sampled[mask] = torch.cat([torch.tensor(r.log_probs, dtype=old_log_probs.dtype) for r in rollouts]
+                              ).to(old_log_probs.device)
+    return ((sampled - old_log_probs).abs() * mask).sum()
+
+
 @torch.no_grad()
 def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int) -> Experience:
     def collect(micro, output):

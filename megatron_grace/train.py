@@ -30,7 +30,7 @@ from .arguments import parse_args, validate_args
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
-from .experience import SequenceBatch, one_pass_forward
+from .experience import SequenceBatch, logprob_mismatch_sum, one_pass_forward
 from .grpo import ClipSettings, group_advantages, low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
 from .metrics import MetricsLogger, reduce_metrics
 from .models import architecture_from_hf_dir
@@ -320,12 +320,8 @@ class GraceTrainer:
             sums["advantage_sum"] = float(advantages.sum())
             sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
             maxima["advantage_abs_max"] = float(advantages.abs().max())
-            sampled = torch.zeros_like(experience.old_log_probs[:main_rows])
-            target_mask = batch.response_target_mask()[:main_rows]
-            for row, rollout in enumerate(rollouts[:main_rows]):
-                sampled[row][target_mask[row]] = torch.tensor(rollout.log_probs, dtype=sampled.dtype)
-            sums["logprob_mismatch_sum"] = float(((sampled - experience.old_log_probs[:main_rows]).abs()
-                                                  * target_mask).sum())
+            sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
+                rollouts[:main_rows], experience.old_log_probs[:main_rows], batch.response_target_mask()[:main_rows]))
             sums.update({key: value for key, value in update.items() if key != "grad_norm"})
         metrics = reduce_metrics(sums, maxima, is_contributing=self.is_last_stage)
         tokens = max(metrics.get("tokens", 0.0), 1.0)
