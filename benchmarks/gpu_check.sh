@@ -27,6 +27,9 @@ work=$(mktemp -d)
 log="$results/gpu_check.log"
 : > "$log"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+# Every step is a world of its own: a rendezvous inherited from the caller (a test process, a job step) would point
+# the single-process benchmarks at a port that is taken.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 
 if (( dry_run )); then
     python=${PYTHON:-python}
@@ -66,7 +69,8 @@ kernel_tests=(tests/test_masked_mean_pool.py tests/test_grace_rewards.py tests/t
 step kernel_tests 150 "$python" -m pytest -q -p no:cacheprovider "${kernel_tests[@]}"
 
 tiny="$work/tiny"
-train=("$python" -m torch.distributed.run --nproc-per-node 1 --master-port 29517 -m megatron_grace.train
+port=$("$python" -c "from megatron_grace.platform import free_port; print(free_port())")
+train=("$python" -m torch.distributed.run --nproc-per-node 1 --master-port "$port" -m megatron_grace.train
        --hf-model "$tiny/model" --train-data "$tiny/data.jsonl" --bf16 --tensor-model-parallel-size 1
        --global-batch-size 2 --ppo-mini-batch-size 2 --rollout-n 4 --micro-batch-size 4 --max-prompt-length 128
        --max-response-length 16 --sample-interval 0 --save "$tiny/run" --load "$tiny/run" --save-interval 1)
