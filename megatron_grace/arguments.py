@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--query-temperature", type=float, default=0.5,
                          help="temperature of the query/anchor and negative rationales")
     rollout.add_argument("--max-response-length", type=int, default=2048)
+    rollout.add_argument("--rollout-sync-interval", type=int, default=32,
+                         help="decoded tokens between the host's checks for finished rows (finished rows leave the "
+                              "batch there); the only device-to-host read of the decode loop")
 
     objective = parser.add_argument_group("objective")
     objective.add_argument("--reward-variant", choices=["code", "paper"], default="code")
@@ -122,7 +125,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
              f"the group)")
     if args.sequence_parallel and tp == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    for flag in ("train_iters", "max_response_length", "max_prompt_length", "micro_batch_size", "log_interval"):
+    for flag in ("train_iters", "max_response_length", "max_prompt_length", "micro_batch_size", "log_interval",
+                 "rollout_sync_interval"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be positive")
     if args.save_interval is not None and (args.save_interval < 1 or args.save is None):

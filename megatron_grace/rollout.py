@@ -20,7 +20,7 @@ loop written for GRPO, which is what Megatron-Core's generic text-generation con
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -120,13 +120,49 @@ def release_inference_caches() -> None:
     rope.clear_cache()
 
 
+class VocabParallelInferenceWrapper(GPTInferenceWrapper):
+    """Megatron's GPT inference wrapper (pipeline send/receive, KV cache) without the vocabulary all-gather: the
+    last stage returns this rank's shard of the last position's logits, [rows, 1, V/TP], and sampling combines the
+    shards (:func:`~megatron_grace.kernels.sample_tokens` with the TP group)."""
+
+    def _forward(self, inference_input):
+        return self.model(inference_input["tokens"], inference_input["position_ids"],
+                          inference_input["attention_mask"], inference_context=self.inference_context,
+                          runtime_gather_output=False)
+
+
+@dataclass
+class DecodeStats:
+    """What the last :meth:`RolloutEngine.generate` call did (benchmarks and tests read it)."""
+
+    positions: int = 0  # decode forward passes after the prefill
+    forward_rows: list[int] = field(default_factory=list)  # rows in each decode forward
+    host_reads: int = 0  # finished checks (one device-to-host read each)
+
+
 class RolloutEngine:
-    def __init__(self, model, *, eos_token_ids: list[int], pad_token_id: int):
+    """Samples rollouts from the policy stage it is given (see the module docstring).
+
+    The decode loop keeps every per-row tensor on the device: tokens are sampled vocabulary-parallel where the logits
+    are, written into device buffers, and the host learns which rows finished only every ``sync_interval`` tokens
+    (one read of [rows] flags). Rows that finish in between emit padding until then; those tokens are cut. At each
+    such check, with ``compact_finished_rows``, finished rows leave the batch: the KV cache, tokens, seeds and
+    positions of the live rows move to the front and decoding continues on fewer rows. Sampling noise is a function
+    of the row's seed and response index only, so compaction and the interval never change a token.
+    """
+
+    def __init__(self, model, *, eos_token_ids: list[int], pad_token_id: int, sync_interval: int = 32,
+                 compact_finished_rows: bool = True):
+        if sync_interval < 1:
+            raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
         self.model = model
         self.stage = unwrap(model)
         self.arch = self.stage.arch
-        self.eos_token_ids = torch.tensor(sorted(set(eos_token_ids)))
+        self.eos_token_ids = sorted(set(eos_token_ids))
         self.pad_token_id = pad_token_id
+        self.sync_interval = sync_interval
+        self.compact_finished_rows = compact_finished_rows
+        self.stats = DecodeStats()
 
     @torch.no_grad()
     def generate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[Rollout]:
@@ -139,41 +175,54 @@ class RolloutEngine:
 
     def _generate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[Rollout]:
         batch = len(requests)
-        prompt_lengths = torch.tensor([len(r.prompt) for r in requests])
+        device = current_device()
+        # Host-side layout in Python integers (the loop below reads nothing back but the finished flags).
+        prompt_lengths = [len(r.prompt) for r in requests]
         if attention_honours_padding_mask(self.stage):
             # Left padding: every prompt ends at the same column, one prefill covers all of them, and the attention
             # mask hides the pads.
-            prompt_starts = int(prompt_lengths.max()) - prompt_lengths
-            prefill_end = int(prompt_lengths.max())
+            prefill_end = max(prompt_lengths)
+            prompt_starts = [prefill_end - length for length in prompt_lengths]
         else:
             # No pad before a real token (for attention that ignores masks): prompts start at column 0, the prefill
             # covers the shortest prompt, and longer prompts are fed token by token from there on, exactly where
             # the others already sample (a causal attention then only ever sees real tokens).
-            prompt_starts = torch.zeros_like(prompt_lengths)
-            prefill_end = int(prompt_lengths.min())
-        response_starts = prompt_starts + prompt_lengths
-        total = int(response_starts.max()) + max_new_tokens
+            prefill_end = min(prompt_lengths)
+            prompt_starts = [0] * batch
+        response_starts = [start + length for start, length in zip(prompt_starts, prompt_lengths)]
+        total = max(response_starts) + max_new_tokens
         tokens = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
         for row, request in enumerate(requests):
-            start = int(prompt_starts[row])
-            tokens[row, start: start + len(request.prompt)] = torch.tensor(request.prompt)
+            tokens[row, prompt_starts[row]: response_starts[row]] = torch.tensor(request.prompt)
         attention_mask = None
-        if bool((prompt_starts > 0).any()):
+        if any(start > 0 for start in prompt_starts):
             # Megatron masks are True where attention is forbidden: causal, plus the left padding of each row.
-            is_pad = torch.arange(total).unsqueeze(0) < prompt_starts.unsqueeze(1)
+            is_pad = torch.arange(total).unsqueeze(0) < torch.tensor(prompt_starts).unsqueeze(1)
             attention_mask = (torch.ones(total, total, dtype=torch.bool).triu(1).unsqueeze(0)
                               | is_pad.unsqueeze(1)).unsqueeze(1)
             # A row's padding must still attend somewhere (softmax over nothing is NaN): let pads see themselves.
             attention_mask &= ~torch.eye(total, dtype=torch.bool)
-        device = current_device()
-        inference_input = {"tokens": tokens.to(device), "position_ids": torch.arange(total).expand(batch, -1),
-                           "attention_mask": None if attention_mask is None else attention_mask.to(device)}
 
-        temperatures = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)
-        row_seeds = torch.tensor([r.seed for r in requests], dtype=torch.int64, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool)
-        lengths = torch.zeros(batch, dtype=torch.long)
-        log_probs = torch.zeros(batch, max_new_tokens)
+        # Per live row, on the device (rows leave these tensors when compacted away): the wrapper's inputs, sampling
+        # settings, where the response starts, whether the row is done, and which request it is.
+        live = {"tokens": tokens.to(device), "position_ids": torch.arange(total, device=device).expand(batch, -1),
+                "attention_mask": None if attention_mask is None else attention_mask.to(device),
+                "temperatures": torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device),
+                "row_seeds": torch.tensor([r.seed for r in requests], dtype=torch.int64, device=device),
+                "response_starts": torch.tensor(response_starts, device=device),
+                "done": torch.zeros(batch, dtype=torch.bool, device=device),
+                "rows": torch.arange(batch, device=device)}
+        # Per request, on the device: the response so far (written by index, so compaction never moves it).
+        responses = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        log_probs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        eos_ids = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        shard = self.arch.padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * shard
+        pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.stats = DecodeStats()
 
         # GRPO repeats each prompt --rollout-n times: prefill every distinct prompt once, then copy its KV cache (and
         # last logits) to the rows that share it.
@@ -183,53 +232,82 @@ class RolloutEngine:
             if tuple(request.prompt) not in distinct:
                 distinct[tuple(request.prompt)] = len(first_rows)
                 first_rows.append(row)
-        source = torch.tensor([distinct[tuple(r.prompt)] for r in requests])
-        prefill_input = {name: None if value is None else value[torch.tensor(first_rows)]
-                         for name, value in inference_input.items()}
+        source = torch.tensor([distinct[tuple(r.prompt)] for r in requests], device=device)
+        prefill_rows = torch.tensor(first_rows, device=device)
+        prefill_input = {name: None if live[name] is None else live[name][prefill_rows]
+                         for name in ("tokens", "position_ids", "attention_mask")}
 
-        wrapper = self._wrapper(batch, total)
+        wrapper = VocabParallelInferenceWrapper(self.stage, self._wrapper_config(batch, total),
+                                                StaticInferenceContext(batch, total))
         with sequence_parallel_disabled(self.model), config_overrides(self.stage.config, **decode_overrides()):
             wrapper.prep_model_for_inference()
             logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(prefill_input, 0, prefill_end))
+            kv_cache = wrapper.inference_context.key_value_memory_dict
             with torch.inference_mode():  # the cache was allocated in the wrapper's inference mode
-                for key_memory, value_memory in wrapper.inference_context.key_value_memory_dict.values():
+                for key_memory, value_memory in kv_cache.values():
                     key_memory[:, :batch] = key_memory[:, source]
                     value_memory[:, :batch] = value_memory[:, source]
-            logits = None if logits is None else logits[source.to(logits.device)]
+            logits = None if logits is None else logits[source]
             for position in range(prefill_end, total):
                 if position > prefill_end:
-                    window = wrapper.get_batch_for_context_window(inference_input, position - 1, position)
+                    window = wrapper.get_batch_for_context_window(live, position - 1, position)
                     logits = wrapper.run_one_forward_step(window)
-                step = position - response_starts  # index of this column's token in each row's response
-                sampling = (step >= 0) & ~finished
-                sampled = torch.empty(batch, 2, device=device)
-                if parallel_state.is_pipeline_last_stage():
-                    token, token_log_prob = sample_tokens(logits[:, -1], temperatures, row_seeds,
-                                                          step.clamp(min=0).to(device),
-                                                          vocab_size=self.arch.vocab_size)
-                    sampled = torch.stack([token.float(), token_log_prob], dim=1)
-                sampled = broadcast_from_last_pipeline_stage([batch, 2], torch.float32, sampled).cpu()
+                    self.stats.positions += 1
+                    self.stats.forward_rows.append(live["tokens"].shape[0])
+                step = position - live["response_starts"]  # index of this column's token in each row's response
+                sampling = (step >= 0) & ~live["done"]
+                rows = live["rows"].shape[0]
+                if is_last_stage:
+                    token, token_log_prob = sample_tokens(logits[:, -1], live["temperatures"], live["row_seeds"],
+                                                          step.clamp(min=0), vocab_size=self.arch.vocab_size,
+                                                          vocab_start=vocab_start, group=tp_group)
+                    sampled = torch.stack([token.to(torch.float32), token_log_prob], dim=1)
+                else:
+                    sampled = None
+                if pipeline_parallel:  # ids below 2^24 are exact in float32
+                    sampled = broadcast_from_last_pipeline_stage([rows, 2], torch.float32, sampled)
                 token = sampled[:, 0].long()
-                # Rows still inside their prompt keep its token; finished rows emit padding.
-                token = torch.where(step < 0, tokens[:, position],
+                # Rows still inside their prompt keep its token; done rows emit padding.
+                token = torch.where(step < 0, live["tokens"][:, position],
                                     torch.where(sampling, token, torch.full_like(token, self.pad_token_id)))
-                tokens[:, position] = token
-                inference_input["tokens"][:, position] = token.to(device)
-                log_probs[sampling, step[sampling]] = sampled[sampling, 1]
-                lengths += sampling.long()
-                finished |= sampling & torch.isin(token, self.eos_token_ids)
-                if bool((finished | (step >= max_new_tokens - 1)).all()):
-                    break
-        return [
-            Rollout(response=tokens[row, int(response_starts[row]): int(response_starts[row]) + int(lengths[row])
-                                    ].tolist(),
-                    log_probs=log_probs[row, : int(lengths[row])].tolist(),
-                    truncated=not bool(finished[row]))
-            for row in range(batch)
-        ]
+                live["tokens"][:, position] = token
+                # Non-sampling rows add zero at a clamped index, so no host read is needed to select the rows.
+                index = (live["rows"], step.clamp(0, max_new_tokens - 1))
+                responses.index_put_(index, token * sampling, accumulate=True)
+                log_probs.index_put_(index, sampled[:, 1] * sampling, accumulate=True)
+                lengths.index_add_(0, live["rows"], sampling.long())
+                live["done"] |= sampling & (torch.isin(token, eos_ids) | (step >= max_new_tokens - 1))
+                decoded = position - prefill_end + 1
+                if decoded % self.sync_interval == 0 or position == total - 1:
+                    done = live["done"].tolist()  # the one host read, every sync_interval tokens
+                    self.stats.host_reads += 1
+                    if all(done):
+                        break
+                    if self.compact_finished_rows and any(done):
+                        keep = [row for row, row_done in enumerate(done) if not row_done]
+                        self._compact(live, kv_cache, torch.tensor(keep, device=device))
 
-    def _wrapper(self, batch: int, total: int) -> GPTInferenceWrapper:
-        config = InferenceWrapperConfig(
+        eos = set(self.eos_token_ids)
+        rollouts = []
+        for length, response, response_log_probs in zip(lengths.tolist(), responses.tolist(), log_probs.tolist()):
+            # A response shorter than the cap ended with EOS; one of the cap's length did if its last token is EOS.
+            rollouts.append(Rollout(response=response[:length], log_probs=response_log_probs[:length],
+                                    truncated=response[length - 1] not in eos))
+        return rollouts
+
+    @staticmethod
+    def _compact(live: dict, kv_cache: dict, keep: torch.Tensor) -> None:
+        """Move the rows ``keep`` to the front of the KV cache and of every live tensor; the rest leave the batch."""
+        with torch.inference_mode():
+            for key_memory, value_memory in kv_cache.values():
+                key_memory[:, : keep.numel()] = key_memory[:, keep]
+                value_memory[:, : keep.numel()] = value_memory[:, keep]
+        for name, value in live.items():
+            if value is not None:
+                live[name] = value[keep]
+
+    def _wrapper_config(self, batch: int, total: int) -> InferenceWrapperConfig:
+        return InferenceWrapperConfig(
             hidden_size=self.arch.hidden_size,
             params_dtype=self.stage.config.params_dtype,
             inference_batch_times_seqlen_threshold=-1,  # whole batch in one PP pass: rollouts are latency bound
@@ -237,4 +315,3 @@ class RolloutEngine:
             inference_max_requests=batch,
             inference_max_seq_length=total,
         )
-        return GPTInferenceWrapper(self.stage, config, StaticInferenceContext(batch, total))

@@ -103,3 +103,38 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 4, timeout: float 
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                            f"{result.stderr[-8000:]}")
+
+
+class HostReadCounter(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for the device on a GPU: reading values back
+    (``item``, ``tolist``, ``cpu``, ``numpy``, Python ``bool``/``int``/``float`` of a tensor), ``nonzero`` and indexing
+    with a boolean mask (its output shape depends on the values). On CPU nothing waits, but the same calls are made,
+    so a loop that is sync-free here is sync-free on the device. Every such call counts, host tensors included (an
+    over-count)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero,
+             torch.nonzero, torch.Tensor.masked_select, torch.masked_select}
+    INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_put}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS or (func in self.INDEXING and _has_boolean_index(args[1:2])):
+            name = getattr(func, "__name__", str(func))
+            self.reads[name] = self.reads.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.reads.values())
+
+
+def _has_boolean_index(index) -> bool:
+    if isinstance(index, torch.Tensor):
+        return index.dtype == torch.bool
+    if isinstance(index, (tuple, list)):
+        return any(_has_boolean_index(part) for part in index)
+    return False

@@ -104,7 +104,7 @@ class GraceTrainer:
         if self.checkpoint is not None:
             self._resume()
         self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
-                                    pad_token_id=self.pad_token_id)
+                                    pad_token_id=self.pad_token_id, sync_interval=args.rollout_sync_interval)
         self.reward_settings = RewardSettings(
             mode=args.train_mode, variant=args.reward_variant, temperature=args.reward_temperature,
             clustering_weight=args.clustering_weight, cross_group_weight=args.cross_group_weight,

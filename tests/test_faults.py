@@ -347,6 +347,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(worker):
     (8, ["--pipeline-model-parallel-size", "8"], "--pipeline-model-parallel-size 8 exceeds the model's 4 layers"),
     (1, ["--rollout-n", "1"], "--rollout-n 1: GRPO needs at least 2"),
     (1, ["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be positive"),
+    (1, ["--rollout-sync-interval", "0"], "--rollout-sync-interval must be positive"),
     (1, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_config_errors_name_the_flag_before_any_heavy_work(workspace, monkeypatch, capsys, world_size, flags,

@@ -6,6 +6,11 @@
   Log-probs alone vs batched: ≤ 1e-5 absolute.
 * The sampling log-probs of the T=1 rows equal the one-pass forward's (training's ``logprob_mismatch``) to ≤ 1e-4 on
   both specs (measured: ≤ 1e-6).
+* Sync-free decode: the host reads device values once per ``sync_interval`` decoded tokens (the finished flags) plus
+  three reads of the results, counted with :class:`~megatron_grace.testing.HostReadCounter`.
+* Finished-row compaction (EOS forced at chosen response steps): tokens identical with and without compaction and
+  at any sync interval; log-probs ≤ 1e-6 (the forward's batch shrinks, so GEMM blocking may change the last bits);
+  rows per decode forward fall as rows finish.
 * After a rollout, a training forward + backward of the same width works with a RoPE that saves its frequencies for
   backward as TE's fused RoPE does (Megatron's RoPE ``lru_cache`` would hand it the rollout's inference tensors).
 """
@@ -22,7 +27,8 @@ from megatron_grace.models.layers import SDPAttention
 from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
-from megatron_grace.testing import tiny_hf_model
+from megatron_grace import rollout as rollout_module
+from megatron_grace.testing import HostReadCounter, tiny_hf_model
 
 EOS = 2
 MAX_NEW_TOKENS = 12
@@ -124,3 +130,65 @@ def test_update_after_rollout_with_a_rope_that_saves_its_frequencies(model, monk
     losses.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("sync_interval", [1, 4, 100])
+def test_host_reads_once_per_sync_interval(model, sync_interval):
+    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, sync_interval=sync_interval)
+    rows = requests()
+    with HostReadCounter() as counter:
+        rollouts = engine.generate(rows, MAX_NEW_TOKENS)
+    stats = engine.stats
+    decoded = stats.positions + 1  # the prefill's logits give the first token
+    assert max(len(r.response) for r in rollouts) == MAX_NEW_TOKENS
+    assert stats.host_reads == -(-decoded // sync_interval)
+    # The finished checks, then lengths, tokens and log-probs once each at the end; nothing per token.
+    assert counter.reads == {"tolist": stats.host_reads + 3}, counter.reads
+
+
+def forcing_eos_at(steps_by_seed: dict[int, int]):
+    """A sample_tokens that returns EOS for the row of seed s at response index steps_by_seed[s]."""
+    real = rollout_module.sample_tokens
+    seeds = torch.tensor(list(steps_by_seed), dtype=torch.int64)
+    steps = torch.tensor(list(steps_by_seed.values()), dtype=torch.int64)
+
+    def sample(logits, temperatures, row_seeds, positions, **kwargs):
+        tokens, log_probs = real(logits, temperatures, row_seeds, positions, **kwargs)
+        match = row_seeds.unsqueeze(1) == seeds.unsqueeze(0)
+        forced = (match & (positions.unsqueeze(1) == steps.unsqueeze(0))).any(dim=1)
+        return torch.where(forced, torch.full_like(tokens, EOS), tokens), log_probs
+    return sample
+
+
+def test_finished_rows_leave_the_batch_without_changing_a_token(model, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (6, 9, 7, 12)]
+    rows = [RolloutRequest(prompts[row % 4], 1.0 if row < 6 else 0.5, row_seed(99, 1, sample_id=row, rollout_index=0))
+            for row in range(8)]
+    monkeypatch.setattr(rollout_module, "sample_tokens",
+                        forcing_eos_at({r.seed: step for r, step in zip(rows, (0, 2, 3, 5, 7, 9))}))
+    max_new = 16
+    results = {}
+    for compact, interval in ((False, 1), (True, 1), (True, 2), (True, 5)):
+        engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, sync_interval=interval,
+                               compact_finished_rows=compact)
+        results[compact, interval] = (engine.generate(rows, max_new), engine.stats)
+    reference, reference_stats = results[False, 1]
+    lengths = [len(r.response) for r in reference]
+    # The forced EOS ends a row at the latest (the model's own EOS may come first); rows end at several steps.
+    assert all(length <= step + 1 for length, step in zip(lengths, (0, 2, 3, 5, 7, 9)))
+    assert len(set(lengths)) >= 4, lengths
+    assert reference_stats.forward_rows == [8] * reference_stats.positions
+    for (compact, interval), (rollouts, stats) in results.items():
+        for ours, expected in zip(rollouts, reference):
+            assert ours.response == expected.response and ours.truncated == expected.truncated
+            torch.testing.assert_close(torch.tensor(ours.log_probs), torch.tensor(expected.log_probs),
+                                       rtol=0, atol=1e-6)
+        if compact:
+            rows_per_forward = stats.forward_rows
+            assert rows_per_forward == sorted(rows_per_forward, reverse=True)
+            assert rows_per_forward[-1] < 8 and sum(rows_per_forward) < 8 * stats.positions
+    # Interval 1 drops each row right after its EOS: the forward rows count the rows still decoding.
+    ended_after = [len(r.response) if not r.truncated else max_new for r in reference]
+    expected_rows = [sum(end > decoded for end in ended_after) for decoded in range(1, reference_stats.positions + 1)]
+    assert results[True, 1][1].forward_rows == expected_rows

@@ -5,8 +5,8 @@ Megatron-Core's ``GPTModel._postprocess`` computes sequence-first logits [S, B, 
 ``logits.transpose(0, 1).contiguous()`` (a full copy of the largest tensor of the forward: 0.8 GB at 16 × 256 tokens
 with a 49k vocabulary) or runs the vocabulary-parallel cross-entropy over them, which makes about eight passes over
 [S, B, V] in float32 (max, subtract, exp, sum, and the softmax it keeps for backward). :class:`GraceGPTModel` keeps
-Megatron's path for everything it does not need to change (inference contexts, multi-token prediction) and replaces
-those two:
+Megatron's path for everything it does not need to change (multi-token prediction, non-last stages) and replaces
+those two, plus the decoding head:
 
 * logits: the output layer runs on [B, S, H] hidden states (a copy 85× smaller than the logits) and returns
   [B, S, V/TP] directly;
@@ -17,7 +17,10 @@ those two:
   chunk of logits exists at a time; with gradients the float32 logits are kept and turned into their gradient in
   place in backward.
   Padded vocabulary rows (see :func:`~megatron_grace.models.builder.mask_padded_vocab`) are excluded, so the loss path
-  also serves models whose vocabulary was padded for TP.
+  also serves models whose vocabulary was padded for TP;
+* decoding (an inference context): the last position's logits of this rank's vocabulary shard, [B, 1, V/TP]; the
+  rollout samples vocabulary-parallel (:func:`~megatron_grace.kernels.sample_tokens`), so the vocabulary is gathered
+  only for callers that pass ``runtime_gather_output=True``.
 """
 from __future__ import annotations
 
@@ -129,19 +132,30 @@ class GraceGPTModel(GPTModel):
     checkpoints. ``arch`` (the :class:`~megatron_grace.models.config.ModelArchitecture`, set by the builder) gives the
     real vocabulary size; ``self.vocab_size`` is Megatron's padded one."""
 
+    def _output_weight(self):
+        return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else self.output_layer.weight
+
+    def _next_token_logits(self, hidden_states, gather_vocabulary: bool | None) -> torch.Tensor:
+        """Decoding: logits of the last position only, [B, 1, V/TP] (this rank's vocabulary shard; the rollout samples
+        vocabulary-parallel) unless the caller asks for the gathered vocabulary as Megatron's own engines do."""
+        logits, _ = self.output_layer(hidden_states[-1:], weight=self._output_weight(),
+                                      runtime_gather_output=gather_vocabulary)
+        return logits.transpose(0, 1)
+
     def _postprocess(self, hidden_states, labels=None, inference_context=None, **kwargs):
+        if inference_context is not None and not self.training and self.post_process and not self.mtp_process:
+            return self._next_token_logits(hidden_states, kwargs.get("runtime_gather_output"))
         uses_megatron_path = (
             not self.post_process
             or self.mtp_process
-            or (inference_context is not None and not self.training)
             # Sequence-parallel logits: the output layer gathers the sequence dimension itself.
             or (labels is None and self.output_layer.sequence_parallel)
         )
         if uses_megatron_path:
             return super()._postprocess(hidden_states=hidden_states, labels=labels,
                                         inference_context=inference_context, **kwargs)
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
-            else self.output_layer.weight
+        weight = self._output_weight()
         if labels is None:
             logits, _ = self.output_layer(hidden_states.transpose(0, 1).contiguous(), weight=weight,
                                           runtime_gather_output=kwargs.get("runtime_gather_output"))
