@@ -29,25 +29,35 @@ class SequenceBatch:
     prompt_lengths: torch.Tensor  # [N]
     response_lengths: torch.Tensor  # [N]
     pool_starts: torch.Tensor  # [N]: L_sys, first pooled token
+    length_multiple: int = 1  # widths are rounded up to it (the TP size under sequence parallelism)
 
     @classmethod
     def build(cls, prompts: list[Prompt], rollouts: list[Rollout], *, pad_token_id: int,
               length_multiple: int = 1) -> "SequenceBatch":
         lengths = [len(p.input_ids) + len(r.response) for p, r in zip(prompts, rollouts)]
-        width = -(-max(lengths) // length_multiple) * length_multiple
+        width = _round_up(max(lengths), length_multiple)
         tokens = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
         for row, (prompt, rollout) in enumerate(zip(prompts, rollouts)):
             tokens[row, : lengths[row]] = torch.tensor(prompt.input_ids + rollout.response)
         return cls(tokens, torch.tensor([len(p.input_ids) for p in prompts]),
-                   torch.tensor([len(r.response) for r in rollouts]), torch.tensor([p.pool_start for p in prompts]))
+                   torch.tensor([len(r.response) for r in rollouts]), torch.tensor([p.pool_start for p in prompts]),
+                   length_multiple)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, rows) -> "SequenceBatch":
+        """The rows ``rows`` (a slice or index tensor), same width."""
+        return SequenceBatch(self.tokens[rows], self.prompt_lengths[rows], self.response_lengths[rows],
+                             self.pool_starts[rows], self.length_multiple)
+
+    def sequence_lengths(self) -> torch.Tensor:
+        return self.prompt_lengths + self.response_lengths
+
     def pool_mask(self) -> torch.Tensor:
         """[N, S]: user text, template tail and response (with its EOS); not the system prompt, not padding."""
         position = torch.arange(self.tokens.shape[1]).unsqueeze(0)
-        end = (self.prompt_lengths + self.response_lengths).unsqueeze(1)
+        end = self.sequence_lengths().unsqueeze(1)
         return (position >= self.pool_starts.unsqueeze(1)) & (position < end)
 
     def response_target_mask(self) -> torch.Tensor:
@@ -56,24 +66,59 @@ class SequenceBatch:
         start = self.prompt_lengths.unsqueeze(1)
         return (target_position >= start) & (target_position < start + self.response_lengths.unsqueeze(1))
 
-    def microbatches(self, micro_batch_size: int, **per_row: torch.Tensor) -> list[dict]:
-        """Split into equally shaped micro-batches (pipeline schedules need one shape); the last one is filled up with
-        copies of the final row, marked ``is_filler`` so their results are dropped and their loss is zero."""
+    def microbatches(self, micro_batch_size: int, *, length_trimmed: bool = True, **per_row: torch.Tensor
+                     ) -> list[dict]:
+        """Split into micro-batches of ``micro_batch_size`` rows; the last one is filled up with copies of a row,
+        marked ``is_filler`` so their results are dropped and their loss is zero. ``rows`` holds each micro-batch
+        row's index in this batch.
+
+        ``length_trimmed``: rows are sorted by length (longest first) and each micro-batch is cut to its own widest
+        row (rounded up to ``length_multiple``), so short rationales do not pay for the longest one. Widths then
+        differ between micro-batches; :func:`~megatron_grace.schedule.run_microbatches` switches Megatron's
+        pipeline communication to ``variable_seq_lengths`` (shapes are sent ahead of each tensor). Otherwise every
+        micro-batch has the batch's width, in row order. ``per_row`` tensors are [N] or [N, S-1] (targets)."""
         count = len(self)
-        filled = -(-count // micro_batch_size) * micro_batch_size
-        index = torch.cat([torch.arange(count), torch.full((filled - count,), count - 1, dtype=torch.long)])
+        order = (torch.argsort(self.sequence_lengths(), descending=True, stable=True) if length_trimmed
+                 else torch.arange(count))
+        filled = _round_up(count, micro_batch_size)
+        order = torch.cat([order, order[-1:].expand(filled - count)])
         is_filler = torch.arange(filled) >= count
         rows = dict(tokens=self.tokens, pool_mask=self.pool_mask(), response_mask=self.response_target_mask(),
                     **per_row)
-        positions = torch.arange(self.tokens.shape[1]).expand(micro_batch_size, -1)
+        lengths = self.sequence_lengths()
         batches = []
         for start in range(0, filled, micro_batch_size):
-            chosen = index[start: start + micro_batch_size]
-            batch = {name: tensor[chosen].to(current_device()) for name, tensor in rows.items()}
+            chosen = order[start: start + micro_batch_size]
+            width = self.tokens.shape[1]
+            if length_trimmed:
+                width = min(_round_up(max(int(lengths[chosen].max()), 2), self.length_multiple), width)
+            batch = {name: _trim(tensor[chosen], width, self.tokens.shape[1]).to(current_device())
+                     for name, tensor in rows.items()}
+            batch["rows"] = chosen
             batch["is_filler"] = is_filler[start: start + micro_batch_size].to(current_device())
-            batch["position_ids"] = positions.to(current_device())
+            batch["position_ids"] = torch.arange(width).expand(micro_batch_size, -1).to(current_device())
             batches.append(batch)
         return batches
+
+    def padding_share(self, micro_batch_size: int, *, length_trimmed: bool = True) -> float:
+        """Share of the tokens a forward over :meth:`microbatches` computes that are padding or filler rows."""
+        computed = real = 0
+        for micro in self.microbatches(micro_batch_size, length_trimmed=length_trimmed):
+            computed += micro["tokens"].numel()
+            real += int(self.sequence_lengths()[micro["rows"][~micro["is_filler"].cpu()]].sum())
+        return 1.0 - real / computed
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _trim(rows: torch.Tensor, width: int, full_width: int) -> torch.Tensor:
+    """Cut [rows, S] (tokens, pooling mask) to ``width`` and [rows, S-1] (next-token targets) to ``width - 1``;
+    [rows] tensors stay."""
+    if rows.dim() == 1:
+        return rows
+    return rows[:, : width if rows.shape[1] == full_width else width - 1]
 
 
 def pool_hidden(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
@@ -107,16 +152,27 @@ def logprob_mismatch_sum(rollouts: list[Rollout], old_log_probs: torch.Tensor,
 
 
 @torch.no_grad()
-def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int) -> Experience:
+def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, length_trimmed: bool = True
+                     ) -> Experience:
     def collect(micro, output):
         log_probs = output.log_probs * micro["response_mask"]
         pooled = pool_hidden(output.hidden, micro["pool_mask"])
         keep = ~micro["is_filler"]
-        return log_probs.new_zeros(()), torch.tensor(1), {"log_probs": log_probs[keep], "pooled": pooled[keep]}
+        return log_probs.new_zeros(()), torch.tensor(1), {"log_probs": log_probs[keep], "pooled": pooled[keep],
+                                                           "rows": micro["rows"][keep.cpu()]}
 
     model.eval()
-    outputs = run_microbatches(model, batch.microbatches(micro_batch_size), collect, forward_only=True)
+    outputs = run_microbatches(model, batch.microbatches(micro_batch_size, length_trimmed=length_trimmed), collect,
+                               forward_only=True)
     model.train()
     if not parallel_state.is_pipeline_last_stage():
         return Experience(None, None)
-    return Experience(torch.cat([o["log_probs"] for o in outputs]), torch.cat([o["pooled"] for o in outputs]))
+    # Back to the batch's row order and width (micro-batches may be sorted and trimmed).
+    first = outputs[0]
+    old_log_probs = first["log_probs"].new_zeros(len(batch), batch.tokens.shape[1] - 1)
+    embeddings = first["pooled"].new_empty(len(batch), first["pooled"].shape[1])
+    for output in outputs:
+        rows = output["rows"].to(old_log_probs.device)
+        old_log_probs[rows, : output["log_probs"].shape[1]] = output["log_probs"]
+        embeddings[rows] = output["pooled"]
+    return Experience(old_log_probs, embeddings)

@@ -33,6 +33,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from .checkpointing import unwrap
 from .kernels import sample_tokens
 from .models import rope
+from .models.builder import config_overrides
 from .platform import current_device, has_cuda
 
 
@@ -59,19 +60,6 @@ def row_seed(seed: int, step: int, sample_id: int, rollout_index: int) -> int:
     value ^= value >> 27
     value = (value * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (value ^ (value >> 31)) >> 1
-
-
-@contextlib.contextmanager
-def config_overrides(config, **values):
-    """Set TransformerConfig fields for the duration (Megatron's modules read these at forward time)."""
-    saved = {name: getattr(config, name) for name in values}
-    for name, value in values.items():
-        setattr(config, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
 
 
 def decode_overrides() -> dict:

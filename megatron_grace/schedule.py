@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .checkpointing import unwrap
-from .models.builder import mask_padded_vocab
+from .models.builder import config_overrides, mask_padded_vocab
 
 
 @dataclass
@@ -37,11 +37,13 @@ class StageOutput:
 
 def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forward_only: bool,
                      need_logits: bool = False) -> list[dict]:
-    """Each micro-batch holds ``tokens`` [B, S] and ``position_ids`` [B, S]; all share one [B, S] shape."""
+    """Each micro-batch holds ``tokens`` [B, S] and ``position_ids`` [B, S]: one B for all, S may differ (then the
+    pipeline stages exchange each activation's shape before it, Megatron's ``variable_seq_lengths``)."""
     stage = unwrap(model)
     arch = stage.arch
     use_labels = not need_logits
-    seq_length = microbatches[0]["tokens"].shape[1]
+    widths = {micro["tokens"].shape[1] for micro in microbatches}
+    seq_length = max(widths)
     micro_batch_size = microbatches[0]["tokens"].shape[0]
     captured: dict[str, torch.Tensor] = {}
 
@@ -68,16 +70,18 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
         return loss_fn(batch, StageOutput(log_probs=log_probs, hidden=hidden, logits=logits))
 
     handle = stage.decoder.register_forward_hook(capture_hidden) if parallel_state.is_pipeline_last_stage() else None
+    variable_widths = len(widths) > 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1
     try:
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+        with config_overrides(stage.config, variable_seq_lengths=stage.config.variable_seq_lengths or variable_widths):
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(microbatches),
+                model=[model],
+                num_microbatches=len(microbatches),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
     finally:
         if handle is not None:
             handle.remove()

@@ -244,17 +244,15 @@ class GraceTrainer:
         if reference_log_probs is not None:
             per_row["reference_log_probs"] = (reference_log_probs if self.is_last_stage
                                               else torch.zeros(len(batch), width))[:main_rows]
-        main = SequenceBatch(batch.tokens[:main_rows], batch.prompt_lengths[:main_rows],
-                             batch.response_lengths[:main_rows], batch.pool_starts[:main_rows])
+        main = batch.select(slice(0, main_rows))
         totals: dict[str, float] = {}
         grad_norms = []
         step = self.iteration + 1
         for _ in range(args.ppo_epochs):
             for first in range(0, main_rows, rows_per_mini_batch):
                 rows = slice(first, first + rows_per_mini_batch)
-                mini = SequenceBatch(main.tokens[rows], main.prompt_lengths[rows], main.response_lengths[rows],
-                                     main.pool_starts[rows])
-                micro = mini.microbatches(args.micro_batch_size, **{k: v[rows] for k, v in per_row.items()})
+                micro = main.select(rows).microbatches(args.micro_batch_size,
+                                                       **{k: v[rows] for k, v in per_row.items()})
                 self._set_lr()
                 zero_grads(self.model, self.optimizer)
                 outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False,

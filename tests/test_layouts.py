@@ -68,3 +68,19 @@ def test_tp2pp2_training_checkpoint_exports_to_hf(layout_results, tmp_path):
     assert exported.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1", "tp2pp2"])
+def test_length_trimmed_microbatches_equal_the_padded_schedule(layout_results, layout):
+    """Sorted, per-micro-batch widths (variable_seq_lengths under PP) against every micro-batch at the batch's width:
+    fp32, ≤ 1e-5 absolute for old log-probs, embeddings and the token-mean loss, ≤ 1e-4 relative per gradient
+    tensor (GEMM shapes differ, so the last bits may)."""
+    diffs = layout_results[1]["trimmed_vs_padded"][layout]
+    assert diffs["loss_value"] > 1.0  # a real loss (-log p of random tokens under a random model)
+    assert diffs["old_log_probs"] <= 1e-5 and diffs["embeddings"] <= 1e-5 and diffs["loss"] <= 1e-5, diffs
+    assert diffs["grad_rel"] <= 1e-4, diffs
+
+
+def test_trimming_cuts_the_padding(layout_results):
+    share = layout_results[1]["padding_share"]
+    assert share["trimmed"] < 0.5 * share["padded"], share

@@ -6,6 +6,8 @@ spec maps its norms onto TE's fused names), so a checkpoint moves between them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -139,3 +141,16 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits
     return torch.cat([logits[..., : max(valid, 0)],
                       logits.new_full((*logits.shape[:-1], shard - max(valid, 0)), float("-inf"))], dim=-1)
+
+
+@contextlib.contextmanager
+def config_overrides(config: TransformerConfig, **values):
+    """Set TransformerConfig fields for the duration (Megatron's modules and schedules read them at call time)."""
+    saved = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)

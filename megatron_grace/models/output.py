@@ -144,8 +144,11 @@ class GraceGPTModel(GPTModel):
         return logits.transpose(0, 1)
 
     def _postprocess(self, hidden_states, labels=None, inference_context=None, **kwargs):
-        if inference_context is not None and not self.training and self.post_process and not self.mtp_process:
-            return self._next_token_logits(hidden_states, kwargs.get("runtime_gather_output"))
+        if inference_context is not None and not self.training:
+            if self.post_process and not self.mtp_process:
+                return self._next_token_logits(hidden_states, kwargs.get("runtime_gather_output"))
+            # Megatron's path asserts a gathered vocabulary while decoding (a stage before the last has no logits).
+            kwargs["runtime_gather_output"] = True
         uses_megatron_path = (
             not self.post_process
             or self.mtp_process

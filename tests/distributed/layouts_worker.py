@@ -6,7 +6,10 @@ One launch re-initialises Megatron's parallel state for each layout (the world o
    TP2 + sequence parallel and TP1PP1 (data parallel 4), all from the same HF weights: losses and gradient norms
    (Adam's first steps barely depend on gradient magnitudes, so the norms are the sharper check of the backward);
 3. a checkpoint written by training at TP2PP2, for the caller to export with tools/convert_hf.py and compare with
-   the TP1PP1 run's final weights.
+   the TP1PP1 run's final weights;
+4. length-trimmed micro-batches at TP1PP1 and TP2PP2 (tiny Qwen3, fp32): the one-pass forward's old log-probs and
+   pooled embeddings, and a token-mean loss with its gradients, against the padded schedule (every micro-batch at
+   the batch's width, in row order).
 Rank 0 writes every measured number to the JSON file given as argv[1]; the pytest wrapper asserts on them.
 """
 from __future__ import annotations
@@ -21,6 +24,9 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_grace.checkpointing import save_checkpoint, unwrap
+from megatron_grace.data.prompts import Prompt
+from megatron_grace.experience import SequenceBatch, one_pass_forward
+from megatron_grace.rollout import Rollout
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import save_hf_model
@@ -148,12 +154,67 @@ def training_equivalence(results: dict, out_dir: Path) -> None:
                 save_hf_model(out_dir / "hf_tp1pp1_trained", arch, mcore_to_hf(final_state, arch))
 
 
+def rollout_batch(rows: int, seed: int) -> SequenceBatch:
+    """A GRACE-like batch: prompts of 6-20 tokens, rationales of 1-40 (a long tail, as rationales have)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts, rollouts = [], []
+    for _ in range(rows):
+        prompt_length = int(torch.randint(6, 21, (), generator=generator))
+        response_length = int(torch.randint(1, 41, (), generator=generator) ** 2 // 40) + 1
+        tokens = torch.randint(3, 512, (prompt_length + response_length,), generator=generator).tolist()
+        prompts.append(Prompt(tokens[:prompt_length], pool_start=2))
+        rollouts.append(Rollout(tokens[prompt_length:], [0.0] * response_length, truncated=False))
+    return SequenceBatch.build(prompts, rollouts, pad_token_id=0)
+
+
+def trimmed_microbatches(results: dict) -> None:
+    hf_model = tiny_hf_model("qwen3", vocab_size=512)
+    batch = rollout_batch(rows=10, seed=3)
+    results["padding_share"] = {"padded": batch.padding_share(2, length_trimmed=False),
+                                "trimmed": batch.padding_share(2)}
+    for tp, pp in ((1, 1), (2, 2)):
+        set_layout(tp, pp)
+        model, _ = build_loaded(hf_model)
+        ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3))
+        measured = {}
+        for trimmed in (False, True):
+            experience = one_pass_forward(ddp_model, batch, 2, length_trimmed=trimmed)
+
+            def token_mean_loss(micro, output):
+                mask = (micro["response_mask"] & ~micro["is_filler"].unsqueeze(1)).float()
+                loss_sum = -(output.log_probs * mask).sum()
+                return loss_sum, mask.sum().to(torch.int), {"loss_sum": loss_sum.detach()}
+
+            zero_grads(ddp_model, optimizer)
+            outputs = run_microbatches(ddp_model, batch.microbatches(2, length_trimmed=trimmed), token_mean_loss,
+                                       forward_only=False)
+            loss = torch.zeros((), dtype=torch.float64)
+            if parallel_state.is_pipeline_last_stage():
+                loss += sum(o["loss_sum"].double() for o in outputs) / batch.response_lengths.sum()
+            measured[trimmed] = (experience, loss, [p.main_grad.clone() for p in ddp_model.parameters()])
+        (padded, padded_loss, padded_grads), (trimmed, trimmed_loss, trimmed_grads) = measured[False], measured[True]
+        diffs = torch.zeros(4, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            diffs[0] = (padded.old_log_probs - trimmed.old_log_probs).abs().max()
+            diffs[1] = (padded.embeddings - trimmed.embeddings).abs().max()
+            diffs[2] = (padded_loss - trimmed_loss).abs()
+        diffs[3] = max(float(((a - b).abs().max() / a.abs().max().clamp(min=1e-12))) for a, b in
+                       zip(padded_grads, trimmed_grads))
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        loss_value = padded_loss.clone()
+        dist.all_reduce(loss_value, op=dist.ReduceOp.MAX)
+        results.setdefault("trimmed_vs_padded", {})[f"tp{tp}pp{pp}"] = {
+            "old_log_probs": diffs[0].item(), "embeddings": diffs[1].item(), "loss": diffs[2].item(),
+            "grad_rel": diffs[3].item(), "loss_value": loss_value.item()}
+
+
 def main() -> None:
     out_path = Path(sys.argv[1])
     initialize_distributed(ParallelLayout())
     results: dict = {}
     logits_parity(results)
     training_equivalence(results, out_path.parent)
+    trimmed_microbatches(results)
     if dist.get_rank() == 0:
         out_path.write_text(json.dumps(results, indent=2))
     dist.barrier()
