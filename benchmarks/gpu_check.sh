@@ -10,7 +10,9 @@
 #   tiny_training    a tiny model, 2 GRACE steps in bf16 at TP1: step 1 with save, step 2 resumed, HF export;
 #                    its metrics.jsonl gives logprob_mismatch (rollout tokens vs the one-pass forward) and peak memory
 #   smollm2_step     one GRACE step of SmolLM2-135M (random weights of its shape unless the real model is cached):
-#                    seconds per phase, rollout tokens/s against HF generate
+#                    seconds per phase, padding shares
+#   rollout_decode   decode of 80 rows × 2048 new tokens on a random-weight Qwen2.5-1.5B-shaped model (the paper's
+#                    per-GPU rollout batch, EOS never drawn): tokens/s and share of the memory-bandwidth bound
 #   bench_pooling, bench_reward   kernel bandwidth against torch eager and torch.compile
 #   update_mfu       the update's model FLOP utilisation on a random-weight Qwen2.5-1.5B-shaped model, peak memory
 # Output: $OUT (else benchmarks/results/gpu_check/) gets gpu_check.json (every step's status and numbers) and
@@ -80,16 +82,19 @@ step tiny_training_resumed 150 "${train[@]}" --train-iters 2 --export-hf "$tiny/
 
 if (( dry_run )); then
     smollm2_model=$tiny/model
-    step_shape=(--global-batch-size 2 --rollout-n 2 --max-response-length 8 --steps 1 --repeats 1)
+    step_shape=(--global-batch-size 2 --rollout-n 2 --max-response-length 8 --steps 1)
+    decode_shape=(--paper-shape tiny --rows 8 --max-new-tokens 16)
     update_shape=(--shape tiny --seq-length 64 --micro-batch-size 2 --micro-batches 2 --steps 1)
 else
     smollm2_model=$work/smollm2
     step smollm2_model 120 "$python" benchmarks/gpu_check.py smollm2 "$smollm2_model"
-    step_shape=(--global-batch-size 4 --rollout-n 4 --max-response-length 64 --steps 2 --repeats 3)
+    step_shape=(--global-batch-size 4 --rollout-n 4 --max-response-length 64 --steps 2)
+    decode_shape=(--paper-shape qwen2.5-1.5b --rows 80 --max-new-tokens 2048)
     update_shape=(--shape qwen2.5-1.5b --seq-length 1024 --micro-batch-size 4 --micro-batches 4 --steps 3)
 fi
 step smollm2_step 180 "$python" benchmarks/bench_step.py --hf-model "$smollm2_model" --bf16 "${step_shape[@]}" \
     --output "$work/smollm2_step.json"
+step rollout_decode 240 "$python" benchmarks/bench_rollout.py "${decode_shape[@]}" --output "$work/rollout_decode.json"
 step bench_pooling 150 "$python" benchmarks/bench_pooling.py --device "$device" --output "$work/bench_pooling.json"
 step bench_reward 120 "$python" benchmarks/bench_reward.py --device "$device" --output "$work/bench_reward.json"
 step update_mfu 150 "$python" benchmarks/bench_update.py "${update_shape[@]}" --output "$work/update_mfu.json"

@@ -68,7 +68,7 @@ else
         --load "$RUN_DIR"
         --save-interval 4
         --sample-interval 4
-        --export-hf "$RUN_DIR/hf"
+        --export-hf  # <save>/hf: follows a --save given on the command line
     )
 fi
 

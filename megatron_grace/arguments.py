@@ -11,6 +11,11 @@ DEFAULT_TRAIN_DATA = {
 }
 
 
+# ``--export-hf`` without a value: the run directory's ``hf/``, resolved after parsing so that a ``--save`` given later
+# on the command line (after a config's flags) moves the export with it, as TensorBoard's default does.
+EXPORT_UNDER_SAVE = "<save>/hf"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_grace.train",
@@ -20,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--hf-model", default=None,
                        help="Hugging Face folder of the policy (default: the embedded SmolLM2-135M-Instruct)")
-    model.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 main weights)")
-    model.add_argument("--recompute-activations", action="store_true", help="full activation recomputation")
+    model.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 parameters and activations (fp32 main weights)")
+    model.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction, default=False, help="full activation recomputation")
 
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False)
     parallel.add_argument("--distributed-timeout-minutes", type=float, default=30.0)
 
     data = parser.add_argument_group("data")
@@ -36,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-mode", choices=["supervised", "unsupervised"], default="supervised")
     data.add_argument("--max-prompt-length", type=int, default=1024,
                       help="templated prompt tokens; longer main prompts are skipped, query/negative prompts cut")
-    data.add_argument("--strict-data", action="store_true", help="bad rows are errors instead of counted skips")
+    data.add_argument("--strict-data", action=argparse.BooleanOptionalAction, default=False, help="bad rows are errors instead of counted skips")
 
     rollout = parser.add_argument_group("rollout")
     rollout.add_argument("--rollout-n", type=int, default=8, help="main rollouts per prompt (GRPO group size)")
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--cross-group-weight", type=float, default=0.2, help="λ2")
     objective.add_argument("--length-penalty", type=float, default=-1.0,
                            help="reward of a response that hit --max-response-length without EOS")
-    objective.add_argument("--norm-adv-by-std", action="store_true", help="divide GRPO advantages by the group std")
+    objective.add_argument("--norm-adv-by-std", action=argparse.BooleanOptionalAction, default=False, help="divide GRPO advantages by the group std")
     objective.add_argument("--clip-ratio-low", type=float, default=0.2)
     objective.add_argument("--clip-ratio-high", type=float, default=0.2)
     objective.add_argument("--clip-ratio-c", type=float, default=3.0, help="dual-clip bound for negative advantages")
@@ -86,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--load", default=None,
                             help="resume from the latest checkpoint in this directory (missing/empty: start fresh)")
     checkpoint.add_argument("--no-load-optim", action="store_true", help="load weights only")
-    checkpoint.add_argument("--fallback-to-previous-checkpoint", action="store_true",
+    checkpoint.add_argument("--fallback-to-previous-checkpoint", action=argparse.BooleanOptionalAction, default=False,
                             help="if the latest checkpoint is corrupt, resume from the newest complete older one")
-    checkpoint.add_argument("--export-hf", default=None, help="write an HF folder of the final policy here")
+    checkpoint.add_argument("--export-hf", nargs="?", const=EXPORT_UNDER_SAVE, default=None, metavar="DIR",
+                            help="write an HF folder of the final policy to DIR (no value: <save>/hf)")
 
     logging = parser.add_argument_group("logging")
     logging.add_argument("--log-interval", type=int, default=1)
@@ -135,10 +141,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("--reward-temperature must be positive")
     if min(args.rollout_temperature, args.query_temperature) <= 0:
         fail("sampling temperatures must be positive")
+    if args.export_hf == EXPORT_UNDER_SAVE and args.save is None:
+        fail("--export-hf without a folder exports under --save: give --save or a folder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.train_data is None:
         args.train_data = str(DEFAULT_TRAIN_DATA[args.train_mode])
+    if args.export_hf == EXPORT_UNDER_SAVE and args.save is not None:
+        args.export_hf = str(Path(args.save) / "hf")
     return args

@@ -77,36 +77,45 @@ class SequenceBatch:
         differ between micro-batches; :func:`~megatron_grace.schedule.run_microbatches` switches Megatron's
         pipeline communication to ``variable_seq_lengths`` (shapes are sent ahead of each tensor). Otherwise every
         micro-batch has the batch's width, in row order. ``per_row`` tensors are [N] or [N, S-1] (targets)."""
-        count = len(self)
-        order = (torch.argsort(self.sequence_lengths(), descending=True, stable=True) if length_trimmed
-                 else torch.arange(count))
+        rows = dict(tokens=self.tokens, pool_mask=self.pool_mask(), response_mask=self.response_target_mask(),
+                    **per_row)
+        batches = []
+        for chosen, is_filler, width in self._microbatch_rows(micro_batch_size, length_trimmed):
+            batch = {name: _trim(tensor[chosen], width, self.tokens.shape[1]).to(current_device())
+                     for name, tensor in rows.items()}
+            batch["rows"] = chosen
+            batch["is_filler"] = is_filler.to(current_device())
+            batch["position_ids"] = torch.arange(width).expand(micro_batch_size, -1).to(current_device())
+            batches.append(batch)
+        return batches
+
+    def token_counts(self, micro_batch_size: int, *, length_trimmed: bool = True) -> tuple[int, int]:
+        """(tokens a forward over :meth:`microbatches` computes, real tokens among them)."""
+        lengths = self.sequence_lengths()
+        computed = real = 0
+        for chosen, is_filler, width in self._microbatch_rows(micro_batch_size, length_trimmed):
+            computed += len(chosen) * width
+            real += int(lengths[chosen[~is_filler]].sum())
+        return computed, real
+
+    def padding_share(self, micro_batch_size: int, *, length_trimmed: bool = True) -> float:
+        """Share of the tokens a forward over :meth:`microbatches` computes that are padding or filler rows."""
+        computed, real = self.token_counts(micro_batch_size, length_trimmed=length_trimmed)
+        return 1.0 - real / computed
+
+    def _microbatch_rows(self, micro_batch_size: int, length_trimmed: bool):
+        """(row indices, filler flags, width) of each micro-batch (see :meth:`microbatches`)."""
+        count, lengths = len(self), self.sequence_lengths()
+        order = torch.argsort(lengths, descending=True, stable=True) if length_trimmed else torch.arange(count)
         filled = _round_up(count, micro_batch_size)
         order = torch.cat([order, order[-1:].expand(filled - count)])
         is_filler = torch.arange(filled) >= count
-        rows = dict(tokens=self.tokens, pool_mask=self.pool_mask(), response_mask=self.response_target_mask(),
-                    **per_row)
-        lengths = self.sequence_lengths()
-        batches = []
         for start in range(0, filled, micro_batch_size):
             chosen = order[start: start + micro_batch_size]
             width = self.tokens.shape[1]
             if length_trimmed:
                 width = min(_round_up(max(int(lengths[chosen].max()), 2), self.length_multiple), width)
-            batch = {name: _trim(tensor[chosen], width, self.tokens.shape[1]).to(current_device())
-                     for name, tensor in rows.items()}
-            batch["rows"] = chosen
-            batch["is_filler"] = is_filler[start: start + micro_batch_size].to(current_device())
-            batch["position_ids"] = torch.arange(width).expand(micro_batch_size, -1).to(current_device())
-            batches.append(batch)
-        return batches
-
-    def padding_share(self, micro_batch_size: int, *, length_trimmed: bool = True) -> float:
-        """Share of the tokens a forward over :meth:`microbatches` computes that are padding or filler rows."""
-        computed = real = 0
-        for micro in self.microbatches(micro_batch_size, length_trimmed=length_trimmed):
-            computed += micro["tokens"].numel()
-            real += int(self.sequence_lengths()[micro["rows"][~micro["is_filler"].cpu()]].sum())
-        return 1.0 - real / computed
+            yield chosen, is_filler[start: start + micro_batch_size], width
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -33,6 +33,13 @@ def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], *, is_contr
     return total
 
 
+def tensorboard_dir(args) -> Path | None:
+    """``--tensorboard-dir``, else ``<save>/tensorboard`` (so it follows ``--save``), else none."""
+    if args.tensorboard_dir:
+        return Path(args.tensorboard_dir)
+    return Path(args.save) / "tensorboard" if args.save else None
+
+
 class MetricsLogger:
     def __init__(self, args, *, is_logging_rank: bool):
         self.args = args
@@ -51,11 +58,11 @@ class MetricsLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_jsonl(self.run_dir / "metrics.jsonl", first_step)
             self._truncate_jsonl(self.run_dir / "samples.jsonl", first_step)
-        tensorboard_dir = self.args.tensorboard_dir or (self.run_dir / "tensorboard" if self.run_dir else None)
-        if tensorboard_dir is not None:
+        events_dir = tensorboard_dir(self.args)
+        if events_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=first_step + 1)
+            self.tensorboard = SummaryWriter(log_dir=str(events_dir), purge_step=first_step + 1)
         if self.args.wandb_project:
             import wandb  # optional dependency: only imported when asked for
 

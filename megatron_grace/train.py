@@ -251,8 +251,11 @@ class GraceTrainer:
         for _ in range(args.ppo_epochs):
             for first in range(0, main_rows, rows_per_mini_batch):
                 rows = slice(first, first + rows_per_mini_batch)
-                micro = main.select(rows).microbatches(args.micro_batch_size,
-                                                       **{k: v[rows] for k, v in per_row.items()})
+                mini = main.select(rows)
+                micro = mini.microbatches(args.micro_batch_size, **{k: v[rows] for k, v in per_row.items()})
+                computed, real = mini.token_counts(args.micro_batch_size)
+                totals["update_tokens"] = totals.get("update_tokens", 0.0) + computed
+                totals["update_real_tokens"] = totals.get("update_real_tokens", 0.0) + real
                 self._set_lr()
                 zero_grads(self.model, self.optimizer)
                 outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False,
@@ -309,7 +312,8 @@ class GraceTrainer:
                 "response_length_sum": float(main_lengths.sum()),
                 "query_response_length_sum": float(batch.response_lengths[main_rows: main_rows + groups].sum()),
                 "truncated": float(sum(r.truncated for r in rollouts[:main_rows])),
-                "rollout_tokens": float(batch.response_lengths.sum()), "forward_tokens": float(batch.tokens.numel())}
+                "rollout_tokens": float(batch.response_lengths.sum())}
+        sums["forward_tokens"], sums["forward_real_tokens"] = map(float, batch.token_counts(self.args.micro_batch_size))
         maxima = {"response_length_max": float(main_lengths.max())}
         if self.is_last_stage:
             for term, values in rewards.items():
@@ -353,6 +357,9 @@ class GraceTrainer:
         result["seconds_per_step"] = sum(timings.values())
         result["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(timings["rollout"], 1e-9)
         result["forward_tokens_per_s"] = metrics["forward_tokens"] / max(timings["forward"], 1e-9)
+        result["padding_share_forward"] = 1.0 - metrics["forward_real_tokens"] / metrics["forward_tokens"]
+        if metrics.get("update_tokens"):
+            result["padding_share_update"] = 1.0 - metrics["update_real_tokens"] / metrics["update_tokens"]
         result["update_tokens_per_s"] = tokens / max(timings["update"], 1e-9)
         result["peak_memory_gb"] = _peak_memory_gb()
         return result

@@ -144,3 +144,25 @@ def test_sbatch_dry_run_and_errors(tmp_path):
     assert missing.returncode == 1 and "config examples/configs/nope.sh not found" in missing.stderr
     outside = run_sbatch(tmp_path, GRACE_ROOT=str(tmp_path))
     assert outside.returncode == 1 and "not the megatron-grace repository" in outside.stderr
+
+
+def test_command_line_overrides_what_a_config_turns_on_and_where_it_writes(tmp_path):
+    """Flags after the config's (the launchers pass "$@" last): --no-bf16 turns bf16 off, and a later --save moves
+    the HF export (and TensorBoard's default, <save>/tensorboard, which metrics.py derives from args.save)."""
+    from megatron_grace.metrics import tensorboard_dir
+
+    config = CONFIG_DIR / "qwen2.5-1.5b-instruct.sh"
+    default = parse_args(config_args(config))
+    assert default.bf16 and default.export_hf == str(Path(default.save) / "hf")
+    moved = tmp_path / "elsewhere"
+    args = parse_args([*config_args(config), "--no-bf16", "--save", str(moved)])
+    assert not args.bf16
+    assert args.export_hf == str(moved / "hf") and tensorboard_dir(args) == moved / "tensorboard"
+    explicit = parse_args([*config_args(config), "--save", str(moved), "--export-hf", str(tmp_path / "hf"),
+                           "--tensorboard-dir", str(tmp_path / "tb")])
+    assert explicit.export_hf == str(tmp_path / "hf") and tensorboard_dir(explicit) == tmp_path / "tb"
+
+
+def test_export_under_save_needs_save():
+    with pytest.raises(SystemExit, match="--export-hf without a folder exports under --save"):
+        validate_args(parse_args(["--export-hf"]), world_size=1)

@@ -1,7 +1,8 @@
 """``benchmarks/gpu_check.sh --dry-run``: the GPU check's steps on CPU with tiny shapes, so the script cannot rot.
 
 Checks every step's exit status, the tiny bf16 run's two steps (the second resumed from the first's checkpoint), its
-rollout-vs-forward log-prob mismatch (bf16: < 0.05 nats per token), the HF export, and the benchmark JSONs.
+rollout-vs-forward log-prob mismatch (bf16: < 0.05 nats per token), the HF export, and the benchmark JSONs (the decode
+benchmark runs every row to its cap; trimmed micro-batches never carry more padding than padded ones).
 """
 import json
 import os
@@ -26,3 +27,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["tiny_training_export"]
     assert summary["update_mfu"]["tokens_per_s"] > 0 and summary["smollm2_step"]["seconds_per_step"] > 0
     assert {"bench_pooling", "bench_reward"} <= set(summary)
+    decode = summary["rollout_decode"]
+    assert decode["generated_tokens"] == 8 * 16 and decode["decode_tokens_per_s"] > 0
+    assert 0 <= summary["smollm2_step"]["padding_share_trimmed"] <= summary["smollm2_step"]["padding_share_padded"]

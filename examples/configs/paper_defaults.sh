@@ -76,8 +76,7 @@ grace_paper_config() {
         "$@"
         --save "$GRACE_SAVE_DIR"
         --load "$GRACE_SAVE_DIR"
-        --tensorboard-dir "$GRACE_SAVE_DIR/tensorboard"
-        --export-hf "$GRACE_SAVE_DIR/hf"
+        --export-hf  # <save>/hf, and TensorBoard under <save>/tensorboard: both follow a --save given later
     )
     if [[ -n ${WANDB_PROJECT:-} ]]; then
         GRACE_ARGS+=(--wandb-project "$WANDB_PROJECT")
