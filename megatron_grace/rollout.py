@@ -1,8 +1,8 @@
 """Rollouts: sampling rationales from the policy itself with Megatron-Core's inference machinery.
 
 The policy's own GPTModel stage runs generation at its training TP/PP layout: Megatron-Core's ``GPTInferenceWrapper``
-does the pipeline-parallel send/receive and tensor-parallel logit gathering, and a ``StaticInferenceContext`` holds the
-KV cache. No second copy of the weights exists and nothing is synchronised. On top of that sits a small sampling
+does the pipeline-parallel send/receive (without its tensor-parallel logit gathering: sampling is vocabulary-parallel)
+and a ``StaticInferenceContext`` holds the KV cache. No second copy of the weights exists and nothing is synchronised. On top of that sits a small sampling
 loop written for GRPO, which is what Megatron-Core's generic text-generation controller does not give cheaply:
 
 * one prefill for the whole batch, of each distinct prompt once: the ``--rollout-n`` rows of a group share the
@@ -14,7 +14,8 @@ loop written for GRPO, which is what Megatron-Core's generic text-generation con
 * a temperature per row, so the T=1.0 main rollouts and the T=0.5 query/negative rationales share one batch;
 * counter-based sampling noise (:func:`~megatron_grace.kernels.sample_tokens`), a pure function of the row's seed
   ``(seed, step, sample id, rollout index)``, the token's index in the response and the vocabulary id: the tokens of a
-  row do not depend on batch composition, layout, data-parallel size or resume point;
+  row do not depend on batch composition, layout, data-parallel size, resume point, sync interval or compaction;
+* a decode loop without per-token host reads, whose finished rows leave the batch (:class:`RolloutEngine`);
 * the sampling log-probability of every token (for the train/inference mismatch metric) and the truncation flag.
 """
 from __future__ import annotations

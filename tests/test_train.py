@@ -31,9 +31,17 @@ def train_results(tmp_path_factory, smollm2_tokenizer_dir):
     return json.loads((work / "results.json").read_text())
 
 
-def assert_metrics_close(actual: dict, expected: dict, rel: float) -> None:
+# Padding depends on the layout: each data-parallel rank sorts and trims its own rows, and sequence parallelism rounds
+# widths up to the TP size. Compared within a layout only.
+LAYOUT_DEPENDENT_KEYS = ("padding_share_forward", "padding_share_update")
+
+
+def assert_metrics_close(actual: dict, expected: dict, rel: float, *, across_layouts: bool = False) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
+        if across_layouts and key in LAYOUT_DEPENDENT_KEYS:
+            assert 0.0 <= actual[key] < 1.0 and 0.0 <= value < 1.0, key
+            continue
         if key in EXACT_KEYS or rel == 0:
             assert actual[key] == value or (math.isnan(value) and math.isnan(actual[key])), key
         else:
@@ -55,7 +63,7 @@ def test_rewards_and_updates_are_real(train_results):
 
 def test_tp2pp2_matches_tp1pp1(train_results):
     for ours, reference in zip(train_results["tp2pp2"], train_results["tp1pp1"]):
-        assert_metrics_close(ours, reference, rel=1e-4)
+        assert_metrics_close(ours, reference, rel=1e-4, across_layouts=True)
 
 
 def test_resume_is_exact(train_results):
@@ -63,14 +71,14 @@ def test_resume_is_exact(train_results):
     assert train_results["uninterrupted"][:2] == [{**m} for m in train_results["tp2pp2"]]
     assert len(train_results["resumed_tp2pp2"]) == 1
     assert_metrics_close(train_results["resumed_tp2pp2"][0], uninterrupted[2], rel=0)
-    assert_metrics_close(train_results["resumed_tp1pp1"][0], uninterrupted[2], rel=1e-4)
+    assert_metrics_close(train_results["resumed_tp1pp1"][0], uninterrupted[2], rel=1e-4, across_layouts=True)
 
 
 def test_unsupervised_mode(train_results):
     sequence_parallel, = train_results["unsupervised_tp2_sp"]
     reference, = train_results["unsupervised_tp1"]
     assert sequence_parallel["reward_neg_mean"] == 0.0  # no negative stream
-    assert_metrics_close(sequence_parallel, reference, rel=1e-4)
+    assert_metrics_close(sequence_parallel, reference, rel=1e-4, across_layouts=True)
 
 
 def test_kl_and_entropy_terms(train_results):
