@@ -67,6 +67,11 @@ def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Pa
 VOLATILE_METRICS = ("seconds_per_step", "peak_memory_gb")
 
 
+# Per-step metrics that depend on the layout: each data-parallel rank sorts and trims its own rows into micro-batches,
+# and sequence parallelism rounds widths up to the TP size. Runs at different layouts are compared without them.
+LAYOUT_DEPENDENT_METRICS = ("padding_share_forward", "padding_share_update")
+
+
 def stable_metrics(metrics: dict) -> dict:
     """A step's metrics without timings, throughputs and memory (``time_*``, ``*_per_s``, :data:`VOLATILE_METRICS`)."""
     return {k: v for k, v in metrics.items()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_grace.testing import run_torchrun, save_tiny_hf_model
+from megatron_grace.testing import LAYOUT_DEPENDENT_METRICS, run_torchrun, save_tiny_hf_model
 
 WORKER = Path(__file__).parent / "distributed" / "train_worker.py"
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -31,15 +31,10 @@ def train_results(tmp_path_factory, smollm2_tokenizer_dir):
     return json.loads((work / "results.json").read_text())
 
 
-# Padding depends on the layout: each data-parallel rank sorts and trims its own rows, and sequence parallelism rounds
-# widths up to the TP size. Compared within a layout only.
-LAYOUT_DEPENDENT_KEYS = ("padding_share_forward", "padding_share_update")
-
-
 def assert_metrics_close(actual: dict, expected: dict, rel: float, *, across_layouts: bool = False) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
-        if across_layouts and key in LAYOUT_DEPENDENT_KEYS:
+        if across_layouts and key in LAYOUT_DEPENDENT_METRICS:
             assert 0.0 <= actual[key] < 1.0 and 0.0 <= value < 1.0, key
             continue
         if key in EXACT_KEYS or rel == 0:
