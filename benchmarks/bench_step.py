@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +47,7 @@ def count_decoder_passes(model):
     return counts, handle
 
 
-def record_padding(trainer):
+def record_padding():
     """Padding shares of every micro-batch split of the step: as the step runs it (length-trimmed) and padded to
     the batch's widest row. Only where the checkout has length trimming (``SequenceBatch.token_counts``)."""
     from megatron_grace.experience import SequenceBatch
@@ -73,7 +72,7 @@ def measure_steps(trainer, steps: int, warm_up: bool = True) -> dict:
     if warm_up:
         trainer.train_step()  # compilation, allocations
     counts, handle = count_decoder_passes(trainer.model)
-    padding, restore = record_padding(trainer)
+    padding, restore = record_padding()
     records = []
     for _ in range(steps):
         counts.update(dict.fromkeys(counts, 0))
