@@ -25,8 +25,10 @@ import triton.language as tl
 from .masked_mean_pool import use_triton
 
 _MASK32 = 0xFFFFFFFF
-# Gumbel noise from 24 random bits: u = (k + 0.5) / 2^24 lies strictly inside (0, 1), so -log(-log(u)) is finite.
-_UNIFORM_SCALE = 1.0 / (1 << 24)
+# Gumbel noise from 23 random bits: u = (k + 0.5) / 2^23 is exact in float32 and lies in [2^-24, 1 - 2^-24], so
+# -log(-log(u)) is finite. (With 24 bits the top value, (2^24 - 0.5) / 2^24, rounds to 1.0 and the noise to +inf.)
+_UNIFORM_BITS = 23
+_UNIFORM_SCALE = 1.0 / (1 << _UNIFORM_BITS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def row_position_keys(row_seeds: torch.Tensor, positions: torch.Tensor) -> torch
 def gumbel_noise_reference(keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
     """float32 [rows, V] Gumbel(0, 1) noise of keys [rows] and global vocabulary ids [V]."""
     bits = _mix32(keys.unsqueeze(1) ^ _mix32(vocab_ids).unsqueeze(0))
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * _UNIFORM_SCALE
+    uniform = ((bits >> (32 - _UNIFORM_BITS)).to(torch.float32) + 0.5) * _UNIFORM_SCALE
     return -torch.log(-torch.log(uniform))
 
 
@@ -98,7 +100,7 @@ def _sample_tokens_kernel(logits_ptr, stride_row, temperature_ptr, key_ptr, best
         scaled = tl.load(logits_ptr + row * stride_row + columns, mask=valid,
                          other=float("-inf")).to(tl.float32) * inverse_temperature
         bits = _mix32_triton(key ^ _mix32_triton(columns.to(tl.int64) + vocab_start))
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # as _UNIFORM_BITS = 23
         scores = tl.where(valid, scaled - tl.log(-tl.log(uniform)), float("-inf"))
         block_best = tl.max(scores, axis=0)
         block_index = tl.argmax(scores, axis=0)

@@ -86,3 +86,42 @@ def test_low_temperature_is_argmax_and_padding_is_never_drawn():
     tokens, log_probs = sample_tokens(logits, torch.full((6,), 1e-4), row_seeds, positions, vocab_size=995)
     assert torch.equal(tokens, logits[:, :995].argmax(dim=1))
     assert torch.all(log_probs > -1e-3)
+
+
+def _inverse_mix32(value: int) -> int:
+    """The inverse of kernels.sample_tokens._mix32, by hand: xor-shifts undone by repeated shifting, multiplications
+    by the constants' inverses modulo 2^32."""
+    def unshift(x, shift):
+        result = x
+        for _ in range(32 // shift):
+            result = x ^ (result >> shift)
+        return result & 0xFFFFFFFF
+
+    value = unshift(value, 15)
+    value = (value * pow(0x735A2D97, -1, 1 << 32)) & 0xFFFFFFFF
+    value = unshift(value, 15)
+    value = (value * pow(0x21F0AAAD, -1, 1 << 32)) & 0xFFFFFFFF
+    return unshift(value, 16)
+
+
+@pytest.mark.parametrize("hash_bits", [0xFFFFFFFF, 0xFFFFFF00, 0x000000FF])
+def test_extreme_hash_values_give_finite_noise(hash_bits):
+    """A token whose hash is all ones (or zero) gets finite noise and is drawn by its logit, not always.
+
+    Regression: u = (bits >> 8 + 0.5) / 2^24 rounded to 1.0 in float32 for the top value, the noise became +inf and
+    that token won whatever its logit (one token in 2^24 per row and position: ~0.3 % of tokens at vocab 49,152)."""
+    from megatron_grace.kernels.sample_tokens import _mix32, gumbel_noise_reference, row_position_keys
+
+    vocab_id, row_seed_low = 3, None
+    # Choose the row seed (high half 0, position 0) whose key makes hash(key ^ mix(vocab id)) == hash_bits.
+    key = _inverse_mix32(hash_bits) ^ int(_mix32(torch.tensor(vocab_id)))
+    row_seed_low = _inverse_mix32(_inverse_mix32(_inverse_mix32(key)))
+    row_seeds, positions = torch.tensor([row_seed_low]), torch.tensor([0])
+    assert int(row_position_keys(row_seeds, positions)) == key
+    noise = gumbel_noise_reference(torch.tensor([key]), torch.arange(8))
+    assert torch.isfinite(noise).all() and float(noise.abs().max()) < 20.0
+    logits = torch.zeros(1, 8)
+    logits[0, vocab_id] = -60.0  # exp(-60): never drawn from softmax
+    for sample in (sample_tokens, sample_tokens_reference):
+        token, log_prob = sample(logits, torch.ones(1), row_seeds, positions)
+        assert int(token) != vocab_id and torch.isfinite(log_prob).all(), sample.__name__
