@@ -5,13 +5,25 @@ style) and are installed under the import name ``megatron_grace.kernels``.
 """
 from setuptools import setup
 
+CONSOLE_SCRIPTS = [
+    "grace-train = megatron_grace.train:main",
+    "grace-convert = megatron_grace.cli.convert_hf:main",
+    "grace-eval = megatron_grace.cli.eval_mteb:main",
+    "grace-report = megatron_grace.cli.report:main",
+    "grace-explain = megatron_grace.cli.explain:main",
+    "grace-plot = megatron_grace.cli.plot_metrics:main",
+]
+
 setup(
     name="megatron-grace",
     version="0.1.0",
     description="GRACE (generative representation learning via contrastive policy optimisation) on Megatron-Core",
     python_requires=">=3.10",
-    packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.kernels"],
+    packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.cli",
+              "megatron_grace.kernels"],
     package_dir={"megatron_grace.kernels": "kernels"},
+    # The same code as python -m megatron_grace.train and tools/*.py (megatron_grace/cli/__init__.py lists them).
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[
         "torch>=2.4",
         "megatron-core==0.16.1",

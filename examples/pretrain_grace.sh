@@ -77,5 +77,6 @@ echo "[pretrain_grace] $NNODES node(s) × $NPROC_PER_NODE process(es); run direc
 
 if [[ $NODE_RANK == 0 && -f $RUN_DIR/metrics.jsonl ]]; then
     "$PYTHON" tools/plot_metrics.py --run "$RUN_DIR" --output "$RUN_DIR/metrics.png"
-    echo "[pretrain_grace] metrics: $RUN_DIR/metrics.jsonl, plot: $RUN_DIR/metrics.png, HF export: $RUN_DIR/hf"
+    echo "[pretrain_grace] metrics: $RUN_DIR/metrics.jsonl, plot: $RUN_DIR/metrics.png," \
+        "report: $RUN_DIR/report.html, HF export: $RUN_DIR/hf"
 fi

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .console import LOG_LEVELS
+
 DEFAULT_TRAIN_DATA = {
     "supervised": Path(__file__).resolve().parent.parent / "examples" / "data" / "train_supervised.jsonl",
     "unsupervised": Path(__file__).resolve().parent.parent / "examples" / "data" / "train_unsupervised.txt",
@@ -102,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
     logging.add_argument("--wandb-project", default=None)
     logging.add_argument("--wandb-exp-name", default=None)
+    logging.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                         help="write <save>/report.html at the end (curves, samples, configuration)")
+    logging.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                         help="info: known-harmless library warnings hidden (default, or $MEGATRON_GRACE_LOG_LEVEL); "
+                              "debug: every warning and library log line")
     return parser
 
 

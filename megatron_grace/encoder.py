@@ -124,6 +124,24 @@ class EmbeddingCache:
             self.db.commit()
 
 
+@dataclass
+class Explanation:
+    """What :meth:`GraceEncoder.explain` returns: per text its rationale, and [N, N] cosine similarities."""
+
+    texts: list[str]
+    rationales: list[str]
+    rationale_tokens: list[int]
+    truncated: list[bool]  # the rationale hit max_new_tokens before its EOS
+    similarity_with_rationale: np.ndarray
+    similarity_without_rationale: np.ndarray
+    settings: dict
+
+
+def _cosine_matrix(vectors: torch.Tensor) -> np.ndarray:
+    unit = torch.nn.functional.normalize(vectors.double(), dim=1)
+    return (unit @ unit.T).numpy()
+
+
 class GraceEncoder:
     """A causal LM used as a GRACE embedder (see the module docstring)."""
 
@@ -200,11 +218,38 @@ class GraceEncoder:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float32)
 
+    def explain(self, texts: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 1.0,
+                seed: int = 0) -> "Explanation":
+        """Each text's rationale and the cosine-similarity matrices of the texts' embeddings with and without it.
+
+        The rationale is the one :meth:`encode` samples for the same ``seed`` (a text's seed derives from the text), so
+        the "with" matrix is that of ``encode(texts, rationale=True, ...)`` and the "without" one the Base's."""
+        prompts = [self.prompts.build(text, self.max_prompt_tokens, truncate=True) for text in texts]
+        rationales = self.generate_rationales(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                              seeds=[text_seed(seed, text) for text in texts])
+        with_rationale = self._pool_prompts(prompts, rationales)
+        without_rationale = self._pool_prompts(prompts, None)
+        return Explanation(
+            texts=list(texts),
+            rationales=[self.tokenizer.decode(r, skip_special_tokens=True) for r in rationales],
+            rationale_tokens=[len(r) for r in rationales],
+            truncated=[not r or r[-1] not in self.eos_token_ids for r in rationales],
+            similarity_with_rationale=_cosine_matrix(with_rationale),
+            similarity_without_rationale=_cosine_matrix(without_rationale),
+            settings={"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                      "pooling": self.pooling, "layer": self.layer, "model": self.model_id})
+
     def _embed_prompts(self, prompts: list[Prompt], settings: EncodeSettings, seeds: list[int]) -> torch.Tensor:
-        sequences = [list(p.input_ids) for p in prompts]
+        rationales = None
         if settings.rationale:
             rationales = self.generate_rationales(prompts, max_new_tokens=settings.max_new_tokens,
                                                   temperature=settings.temperature, seeds=seeds)
+        return self._pool_prompts(prompts, rationales)
+
+    def _pool_prompts(self, prompts: list[Prompt], rationales: list[list[int]] | None) -> torch.Tensor:
+        """Pooled embeddings of prompt ⊕ rationale (prompt alone where ``rationales`` is None)."""
+        sequences = [list(p.input_ids) for p in prompts]
+        if rationales is not None:
             sequences = [s + r for s, r in zip(sequences, rationales)]
         if self.pooling == "eos":
             # EOS pooling reads the EOS token's state; Base prompts and cut-off rationales get one appended.

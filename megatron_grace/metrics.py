@@ -13,23 +13,28 @@ from megatron.core import parallel_state
 PROGRESS_BAR_WIDTH = 20
 SHOWN = (("reward_mean", "reward", "{:.3f}"), ("reward_pos_mean", "pos", "{:.3f}"), ("loss", "loss", "{:+.4f}"),
          ("response_length_mean", "len", "{:.1f}"), ("truncation_rate", "trunc", "{:.2f}"),
-         ("grad_norm", "gnorm", "{:.3f}"), ("seconds_per_step", "s/step", "{:.1f}"))
+         ("grad_norm", "gnorm", "{:.3f}"), ("seconds_per_step", "s/step", "{:.1f}"),
+         ("tokens_per_s", "tok/s", "{:.0f}"))
 
 
-def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], *, is_contributing: bool) -> dict[str, float]:
-    """Sum ``sums`` and take the max of ``maxima`` over data-parallel ranks. Exactly one rank per data-parallel
-    replica contributes (last pipeline stage, TP rank 0); keys may differ between stages, so dicts travel as objects
-    (a few hundred bytes per rank per step)."""
+def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], *, is_contributing: bool,
+                   concatenated: dict[str, list] | None = None) -> dict:
+    """Sum ``sums``, take the max of ``maxima`` and join the lists of ``concatenated`` (in data-parallel rank order,
+    which is the global batch's order: each rank holds a contiguous slice) over data-parallel ranks. Exactly one rank
+    per data-parallel replica contributes (last pipeline stage, TP rank 0); keys may differ between stages, so dicts
+    travel as objects (a few hundred bytes per rank per step)."""
     contributes = is_contributing and parallel_state.get_tensor_model_parallel_rank() == 0
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (sums, maxima) if contributes else None)
-    total: dict[str, float] = {}
+    dist.all_gather_object(gathered, (sums, maxima, concatenated or {}) if contributes else None)
+    total: dict = {}
     for entry in filter(None, gathered):
-        rank_sums, rank_maxima = entry
+        rank_sums, rank_maxima, rank_lists = entry
         for key, value in rank_sums.items():
             total[key] = total.get(key, 0.0) + value
         for key, value in rank_maxima.items():
             total[key] = max(total.get(key, float("-inf")), value)
+        for key, values in rank_lists.items():
+            total[key] = total.get(key, []) + list(values)
     return total
 
 
@@ -58,6 +63,10 @@ class MetricsLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_jsonl(self.run_dir / "metrics.jsonl", first_step)
             self._truncate_jsonl(self.run_dir / "samples.jsonl", first_step)
+            # The flags of this launch, for the run report (a resumed launch rewrites them).
+            settings = {key: value for key, value in vars(self.args).items()
+                        if value is None or isinstance(value, (int, float, str, bool, list))}
+            (self.run_dir / "args.json").write_text(json.dumps(settings, indent=1) + "\n")
         events_dir = tensorboard_dir(self.args)
         if events_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -111,12 +120,14 @@ class MetricsLogger:
         return (f"[{'#' * filled}{'.' * (PROGRESS_BAR_WIDTH - filled)}] step {step}/{self.last_step} | {fields} | "
                 f"elapsed {_duration(elapsed)} | ETA {_duration(eta)}")
 
-    def sample(self, record: dict) -> None:
-        print(f"--- sample (step {record['step']}, reward {record['reward']}, truncated {record['truncated']}) ---\n"
-              f"text: {record['text'][:200]}\nrationale: {record['rationale'][:600]}\n---", flush=True)
+    def samples(self, records: list[dict]) -> None:
+        """Append every record to ``samples.jsonl``; print the first (the console stays short)."""
+        first = records[0]
+        print(f"--- sample (step {first['step']}, reward {first['reward']}, truncated {first['truncated']}) ---\n"
+              f"text: {first['text'][:200]}\nrationale: {first['rationale'][:600]}\n---", flush=True)
         if self.run_dir is not None:
             with open(self.run_dir / "samples.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.writelines(json.dumps(record) + "\n" for record in records)
 
     def finish(self) -> None:
         if not self.is_logging_rank:

@@ -22,6 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from .console import configure_console, timed_phase
+
+configure_console()  # before Megatron-Core is imported: it warns at import time
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -84,9 +88,11 @@ class GraceTrainer:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.params_dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-        model = self._build_model()
+        with timed_phase(f"built the model ({self.arch.family}, {self.arch.num_layers} layers)", printer=log0):
+            model = self._build_model()
         if self.checkpoint is None:
-            self._load_hf_weights(model)
+            with timed_phase(f"loaded the weights of {self.hf_dir}", printer=log0):
+                self._load_hf_weights(model)
         self.model, self.optimizer = wrap_for_training(model, OptimizerSettings(
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             clip_grad=args.clip_grad))
@@ -102,7 +108,8 @@ class GraceTrainer:
         self.iteration = 0
         self.optimizer_steps = 0
         if self.checkpoint is not None:
-            self._resume()
+            with timed_phase(f"loaded {self.checkpoint}", printer=log0):
+                self._resume()
         self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
                                     pad_token_id=self.pad_token_id, sync_interval=args.rollout_sync_interval)
         self.reward_settings = RewardSettings(
@@ -191,9 +198,8 @@ class GraceTrainer:
         # 3. one no-grad forward: old log-probs + pooled embeddings (last pipeline stage).
         self.watchdog.enter("forward", step)
         start = time.perf_counter()
-        length_multiple = parallel_state.get_tensor_model_parallel_world_size() if args.sequence_parallel else 1
         batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
-                                    length_multiple=length_multiple)
+                                    length_multiple=self._length_multiple())
         experience = one_pass_forward(self.model, batch, args.micro_batch_size)
         reference_log_probs = (one_pass_forward(self.reference, batch, args.micro_batch_size).old_log_probs
                                if self.reference is not None else None)
@@ -215,7 +221,8 @@ class GraceTrainer:
             inject_nonfinite("reward", step, rewards["total"])
             advantages = group_advantages(rewards["total"], n, norm_by_std=args.norm_adv_by_std)
         timings["reward"] = time.perf_counter() - start
-        self.last_sample = (examples[0], rollouts[0], float(rewards["total"][0]) if rewards else None)
+        # The first group's rationales, for samples.jsonl and the run report (read by _log_samples).
+        self.last_sample = (examples[0], rollouts[:n], rewards["total"][:n].tolist() if rewards else [None] * n)
 
         # 6. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
         self.watchdog.enter("update", step)
@@ -325,7 +332,9 @@ class GraceTrainer:
             sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
                 rollouts[:main_rows], experience.old_log_probs[:main_rows], batch.response_target_mask()[:main_rows]))
             sums.update({key: value for key, value in update.items() if key != "grad_norm"})
-        metrics = reduce_metrics(sums, maxima, is_contributing=self.is_last_stage)
+        # At sampled steps every main row's response length, for the report's length histogram.
+        lengths = {"response_lengths": main_lengths.long().tolist()} if self._is_sampled_step(self.iteration) else {}
+        metrics = reduce_metrics(sums, maxima, is_contributing=self.is_last_stage, concatenated=lengths)
         tokens = max(metrics.get("tokens", 0.0), 1.0)
         main_total = max(metrics["main_rows"], 1.0)
         result = {
@@ -361,8 +370,16 @@ class GraceTrainer:
         if metrics.get("update_tokens"):
             result["padding_share_update"] = 1.0 - metrics["update_real_tokens"] / metrics["update_tokens"]
         result["update_tokens_per_s"] = tokens / max(timings["update"], 1e-9)
+        # Throughput as verl reports it: every real (prompt + rationale) token of the step, all ranks, per second.
+        result["tokens_per_s"] = metrics["forward_real_tokens"] / max(result["seconds_per_step"], 1e-9)
         result["peak_memory_gb"] = _peak_memory_gb()
+        if "response_lengths" in metrics:
+            result["response_lengths"] = metrics["response_lengths"]
         return result
+
+    def _is_sampled_step(self, step: int) -> bool:
+        """Steps 1, 1 + N, 1 + 2N, ... for ``--sample-interval N`` (0: none)."""
+        return bool(self.args.sample_interval) and (step - 1) % self.args.sample_interval == 0
 
     # ------------------------------------------------------------------------------------------------ loop
     def save(self) -> None:
@@ -383,33 +400,58 @@ class GraceTrainer:
              f"{dist.get_world_size()} ranks: TP{args.tensor_model_parallel_size} "
              f"PP{args.pipeline_model_parallel_size} DP{self.dp_size}; {len(self.dataset)} examples; "
              f"steps {self.iteration}→{args.train_iters}")
+        with timed_phase("compiled the fused ops and kernels (one small rollout and forward)", printer=log0):
+            self._warm_up()
         self.logger.start(self.iteration, args.train_iters)
         while self.iteration < args.train_iters:
             metrics = self.train_step()
             self.logger.log(metrics)
-            if args.sample_interval and (self.iteration - 1) % args.sample_interval == 0:  # steps 1, 1+N, ...
-                self._log_sample()
+            if self._is_sampled_step(self.iteration):
+                self._log_samples()
             if args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()
         if args.save and not (args.save_interval and self.iteration % args.save_interval == 0):
             self.save()
         self.logger.finish()
+        if args.save and args.report and self.logger.is_logging_rank:
+            from .report import build_report
+
+            print(f"run report: {build_report(args.save)}", flush=True)
         if args.export_hf:
             self._export_hf()
 
-    def _log_sample(self) -> None:
-        """The logging rank's first main rationale of the step, decoded, with its text and reward."""
+    def _warm_up(self) -> None:
+        """A two-row rollout of two tokens and its forward before step 1, so that torch.compile (Megatron-Core's fused
+        RoPE and SwiGLU, for a fixed and then a dynamic shape) and the Triton kernels compile under a timed line
+        instead of silently inside step 1. Nothing a step reads changes: each generate gets a fresh KV cache, the
+        forward takes no gradients and sampling noise is counter-based."""
+        example = self.dataset[0]
+        prompts = [example.main, example.query]
+        rollouts = self.engine.generate([RolloutRequest(prompt.input_ids, self.args.rollout_temperature, 0)
+                                         for prompt in prompts], 2)
+        batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
+                                    length_multiple=self._length_multiple())
+        one_pass_forward(self.model, batch, self.args.micro_batch_size)
+
+    def _length_multiple(self) -> int:
+        """Sequence parallelism splits the sequence over TP ranks: widths must divide by TP."""
+        return parallel_state.get_tensor_model_parallel_world_size() if self.args.sequence_parallel else 1
+
+    def _log_samples(self) -> None:
+        """The logging rank's first group of the step: each main rationale, decoded, with its text and reward."""
         if not self.logger.is_logging_rank:
             return
-        example, rollout, reward = self.last_sample
-        self.logger.sample({"step": self.iteration, "sample_id": example.sample_id, "text": example.row.main,
-                            "rationale": self.tokenizer.decode(rollout.response, skip_special_tokens=False),
-                            "reward": reward, "truncated": rollout.truncated})
+        example, rollouts, rewards = self.last_sample
+        self.logger.samples([{"step": self.iteration, "sample_id": example.sample_id, "rollout": index,
+                              "text": example.row.main,
+                              "rationale": self.tokenizer.decode(rollout.response, skip_special_tokens=False),
+                              "response_length": len(rollout.response), "reward": reward,
+                              "truncated": rollout.truncated}
+                             for index, (rollout, reward) in enumerate(zip(rollouts, rewards))])
 
     def _export_hf(self) -> None:
         if dist.get_rank() == 0:
-            command = [sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "convert_hf.py"),
-                       "mcore-to-hf", "--load", self.args.save, "--save", self.args.export_hf, "--overwrite"]
+            command = [sys.executable, "-m", "megatron_grace.cli.convert_hf", "mcore-to-hf", "--load", self.args.save, "--save", self.args.export_hf, "--overwrite"]
             # A world of one on a port of its own, outside torchrun's agent store: the training job's rendezvous is
             # still up and would otherwise be joined.
             env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))}
@@ -433,6 +475,7 @@ def _peak_memory_gb() -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configure_console(args.log_level)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
     check_before_launch(args)

