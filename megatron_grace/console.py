@@ -33,6 +33,10 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
      "`torch.distributed.reduce_scatter_single` instead.", "called inside Megatron-Core's DDP"),
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
      "`torch.distributed.all_gather_single` instead.", "called inside Megatron-Core's DDP and distributed optimizer"),
+    (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` "
+     "instead.", "Megatron-Core's dist_checkpointing loader calls torch.distributed.checkpoint by its old name"),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor.",
+     "Megatron-Core's checkpoints are built on torch's ShardedTensor"),
     # Megatron-Core's distributed optimizer zeroes `.grad` of its fp32 shard views, which are not leaves (its own
     # comment says the access "throws grad-access warning"); the gradients it uses live in the DDP buffers.
     (UserWarning, "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad attribute "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -167,12 +168,28 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+@contextlib.contextmanager
+def _without_gguf_progress_bar():
+    """transformers draws its GGUF bar with tqdm directly (its progress-bar switch does not reach it); our own log line
+    above says what happens."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _build_model_folder(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     _log("dequantising the GGUF through transformers (~15 s)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with _without_gguf_progress_bar():
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                          dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model, so the weights move into a clean model built from
     # the same config without the GGUF quantization_config.
     config_dict = gguf_model.config.to_dict()

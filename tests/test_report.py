@@ -1,8 +1,8 @@
 """The run report, the console of a training run, and the log level.
 
-One 2-rank ``torchrun -m megatron_grace.train`` launch of a tiny model (3 steps, samples at steps 1 and 3) as users
-run it, with no warning filter of the test's own: its console must carry no ``Warning`` line and a timed line per
-start-up phase, and the ``report.html`` it writes at its end must hold the numbers of its ``metrics.jsonl`` and
+One 2-rank ``torchrun -m megatron_grace.train`` launch of a tiny model (3 steps, samples at steps 1 and 3, HF export)
+as users run it, with no warning filter of the test's own: its console must carry no ``Warning`` line and a timed
+line per start-up phase, and the ``report.html`` it writes at its end must hold the numbers of its ``metrics.jsonl`` and
 ``samples.jsonl``. The rest builds reports from hand-written files (partial, resumed, with an evaluation).
 """
 import json
@@ -36,7 +36,8 @@ def tiny_run(tmp_path_factory, smollm2_tokenizer_dir):
                "-m", "megatron_grace.train", "--hf-model", str(model), "--train-data", str(DATA),
                "--global-batch-size", str(GROUPS), "--ppo-mini-batch-size", "2", "--rollout-n", str(ROLLOUT_N),
                "--micro-batch-size", "4", "--max-response-length", "10", "--max-prompt-length", "128",
-               "--lr", "2e-5", "--train-iters", str(TRAIN_ITERS), "--sample-interval", "2", "--save", str(run_dir)]
+               "--lr", "2e-5", "--train-iters", str(TRAIN_ITERS), "--sample-interval", "2", "--save", str(run_dir),
+               "--export-hf"]  # the export loads the checkpoint: its warnings are covered too
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     console = result.stdout + result.stderr
     assert result.returncode == 0, console[-4000:]
