@@ -5,12 +5,19 @@ unsupervised mode); n_{g,m} = negative[g, m]; cos = cosine similarity; tau = tem
 l2 = cross_group_weight. Each returned term is per rollout (float32 [G*K]) and defined as in the spec:
 
     pos(g,k)   = cos(q_g, m_{g,k})
-    neg(g)     = -sum_m cos(q_g, n_{g,m})             supervised only (code variant: exactly one negative)
+    neg(g)     = -sum_m cos(q_g, n_{g,m})             supervised code (exactly one negative) and paper
+    neg(g,k)   = -mean_m cos(m_{g,k}, n_{g,m})        supervised per-rollout
     clust(g,k) = mean_{j != k} cos(m_{g,k}, m_{g,j})   0 when K = 1
-    cross      = -mean_{g' != g} max_l cos(q_g, m_{g',l})   supervised (both variants) and unsupervised paper
+    cross      = -mean_{g' != g} max_l cos(q_g, m_{g',l})   supervised code and paper, unsupervised paper
+               = -mean_{g' != g} cos(m_{g,k}, q_{g'})       supervised per-rollout
                = +mean_{g' != g} cos(m_{g,k}, q_{g'})       unsupervised code (subtracted in the total)
                  0 when G = 1
     total      = (pos + neg + l1 * clust + l2 * cross) / tau,   except unsupervised code: (pos + l1 * clust - l2 * cross) / tau
+
+In supervised code and paper variants neg and cross depend on the group only, so GRPO's group-mean baseline cancels
+them: only pos, clust and the length penalty reach the advantage. The per-rollout variant measures both against each
+rollout, so they do too. Unsupervised per-rollout is the unsupervised code variant (its cross term already is per
+rollout, and there are no negatives).
 
 The length penalty is the caller's (it replaces the total of truncated responses).
 
@@ -25,7 +32,7 @@ from .masked_mean_pool import NORM_EPS, TRITON_INTERPRETED, use_triton
 
 REWARD_TERMS = ("total", "pos", "neg", "clust", "cross")
 MODES = ("supervised", "unsupervised")
-VARIANTS = ("code", "paper")
+VARIANTS = ("code", "paper", "per-rollout")
 
 
 def _check_inputs(main, query, negative, group_size, mode, variant):
@@ -56,9 +63,22 @@ def _check_inputs(main, query, negative, group_size, mode, variant):
     return num_groups, group_size, negative
 
 
+def effective_variant(mode, variant):
+    """Unsupervised per-rollout is the unsupervised code variant."""
+    return "code" if (mode, variant) == ("unsupervised", "per-rollout") else variant
+
+
 def _subtracts_cross(mode, variant):
     """Only the unsupervised code variant defines cross as a positive similarity that the total subtracts."""
     return mode == "unsupervised" and variant == "code"
+
+
+def term_weights(mode, variant, temperature, clustering_weight, cross_group_weight) -> dict[str, float]:
+    """total = sum over terms of weight * term (before the length penalty), as the kernel and reference compute it."""
+    variant = effective_variant(mode, variant)
+    cross_sign = -1.0 if _subtracts_cross(mode, variant) else 1.0
+    return {"pos": 1.0 / temperature, "neg": 1.0 / temperature, "clust": clustering_weight / temperature,
+            "cross": cross_sign * cross_group_weight / temperature}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,6 +88,7 @@ def grace_rewards_reference(main, query, negative=None, *, group_size, mode="sup
                             temperature=0.1, clustering_weight=0.2, cross_group_weight=0.2):
     """Plain torch GRACE rewards, computed in the inputs' dtype (float64 in the tests; the dispatcher upcasts to
     fp32). Arguments and result as :func:`grace_rewards`."""
+    variant = effective_variant(mode, variant)
     num_groups, group_size, negative = _check_inputs(main, query, negative, group_size, mode, variant)
     hidden_size = main.shape[1]
     rollouts = F.normalize(main, dim=-1, eps=NORM_EPS).view(num_groups, group_size, hidden_size)
@@ -84,10 +105,11 @@ def grace_rewards_reference(main, query, negative=None, *, group_size, mode="sup
         (rollout_rollout.sum(-1) - rollout_rollout.diagonal(dim1=1, dim2=2)) / (group_size - 1)
     if num_groups == 1:
         cross = zeros
-    elif _subtracts_cross(mode, variant):
-        # [g, k, g'] = cos(m_{g,k}, q_{g'})
+    elif _subtracts_cross(mode, variant) or variant == "per-rollout":
+        # [g, k, g'] = cos(m_{g,k}, q_{g'}); a similarity the unsupervised code variant subtracts, a penalty here
         rollout_query = query_rollout.permute(1, 2, 0)
         cross = (rollout_query * other_group[:, None, :]).sum(-1) / (num_groups - 1)
+        cross = cross if _subtracts_cross(mode, variant) else -cross
     else:
         best_rollout = query_rollout.amax(dim=-1)  # [g, g'] = max_l cos(q_g, m_{g',l})
         cross = (-(best_rollout * other_group).sum(-1) / (num_groups - 1))[:, None].expand_as(zeros)
@@ -95,7 +117,10 @@ def grace_rewards_reference(main, query, negative=None, *, group_size, mode="sup
         neg = zeros
     else:
         negatives = F.normalize(negative, dim=-1, eps=NORM_EPS)
-        neg = (-torch.einsum("gh,gmh->g", queries, negatives))[:, None].expand_as(zeros)
+        if variant == "per-rollout":
+            neg = -torch.einsum("gkh,gmh->gkm", rollouts, negatives).mean(-1)
+        else:
+            neg = (-torch.einsum("gh,gmh->g", queries, negatives))[:, None].expand_as(zeros)
 
     cross_sign = -1.0 if _subtracts_cross(mode, variant) else 1.0
     total = (pos + neg + clustering_weight * clust + cross_sign * cross_group_weight * cross) / temperature
@@ -111,8 +136,10 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
                           total_ptr, pos_ptr, neg_ptr, clust_ptr, cross_ptr,
                           num_groups, group_size, num_negatives, hidden_size,
                           stride_main, stride_query, stride_negative,
-                          clust_scale, cross_scale, inv_temperature, clustering_weight, cross_group_weight, eps,
-                          HAS_NEGATIVES: tl.constexpr, CROSS_IS_MAX_OVER_GROUPS: tl.constexpr,
+                          clust_scale, cross_scale, negative_scale, stored_cross_sign,
+                          inv_temperature, clustering_weight, cross_group_weight, eps,
+                          HAS_NEGATIVES: tl.constexpr, NEG_PER_ROLLOUT: tl.constexpr,
+                          CROSS_IS_MAX_OVER_GROUPS: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_H: tl.constexpr):
     """One program per group g. Dot products and squared norms accumulate over H in fp32; cosines are formed once
@@ -132,7 +159,8 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
     rollout_dot = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)      # m_{g,k} . m_{g,j}
     rollout_query_dot = tl.zeros([BLOCK_K, BLOCK_G], dtype=tl.float32)  # m_{g,k} . q_{g'}
     query_sq = tl.zeros([BLOCK_G], dtype=tl.float32)
-    negative_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    negative_dot = tl.zeros([BLOCK_M], dtype=tl.float32)                # q_g . n_{g,m}
+    rollout_negative_dot = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)  # m_{g,k} . n_{g,m} (per-rollout)
     negative_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for col_start in range(0, hidden_size, BLOCK_H):
         cols = col_start + tl.arange(0, BLOCK_H)
@@ -150,6 +178,8 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
                                 mask=m_valid[:, None] & col_valid[None, :], other=0.0).to(tl.float32)
             negative_dot += tl.sum(negatives * own_query[None, :], axis=1)
             negative_sq += tl.sum(negatives * negatives, axis=1)
+            if NEG_PER_ROLLOUT:
+                rollout_negative_dot += tl.sum(rollouts[:, None, :] * negatives[None, :, :], axis=2)
 
     # Norms clamped like F.normalize. The rollout norms are the diagonal of the within-group Gram matrix.
     same_rollout = ks[:, None] == ks[None, :]
@@ -164,8 +194,13 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
     pos = tl.sum(tl.where(own_group, rollout_query_cos, 0.0), axis=1)
     clust = tl.sum(tl.where(~same_rollout & k_valid[None, :], rollout_cos, 0.0), axis=1) * clust_scale
     if HAS_NEGATIVES:
-        negative_cos = negative_dot / (tl.maximum(tl.sqrt(negative_sq), eps) * own_query_norm)
-        neg = tl.zeros([BLOCK_K], dtype=tl.float32) - tl.sum(tl.where(m_valid, negative_cos, 0.0), axis=0)
+        negative_norm = tl.maximum(tl.sqrt(negative_sq), eps)
+        if NEG_PER_ROLLOUT:
+            rollout_negative_cos = rollout_negative_dot / (rollout_norm[:, None] * negative_norm[None, :])
+            neg = -tl.sum(tl.where(m_valid[None, :], rollout_negative_cos, 0.0), axis=1) * negative_scale
+        else:
+            negative_cos = negative_dot / (negative_norm * own_query_norm)
+            neg = tl.zeros([BLOCK_K], dtype=tl.float32) - tl.sum(tl.where(m_valid, negative_cos, 0.0), axis=0)
     else:
         neg = tl.zeros([BLOCK_K], dtype=tl.float32)
 
@@ -189,9 +224,11 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
         cross = tl.zeros([BLOCK_K], dtype=tl.float32) + cross_group
         total = (pos + neg + clustering_weight * clust + cross_group_weight * cross) * inv_temperature
     else:
-        # mean_{g' != g} cos(m_{g,k}, a_{g'}), subtracted in the total.
-        cross = tl.sum(tl.where(other_group[None, :], rollout_query_cos, 0.0), axis=1) * cross_scale
-        total = (pos + neg + clustering_weight * clust - cross_group_weight * cross) * inv_temperature
+        # mean_{g' != g} cos(m_{g,k}, q_{g'}), which lowers the total in both variants that use it; stored as the
+        # similarity (unsupervised code) or as the penalty (per-rollout).
+        mean_cross = tl.sum(tl.where(other_group[None, :], rollout_query_cos, 0.0), axis=1) * cross_scale
+        cross = stored_cross_sign * mean_cross
+        total = (pos + neg + clustering_weight * clust - cross_group_weight * mean_cross) * inv_temperature
 
     tl.store(total_ptr + own_rows, total, mask=k_valid)
     tl.store(pos_ptr + own_rows, pos, mask=k_valid)
@@ -203,6 +240,7 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
 def grace_rewards_triton(main, query, negative=None, *, group_size, mode="supervised", variant="code",
                          temperature=0.1, clustering_weight=0.2, cross_group_weight=0.2):
     """The Triton path of :func:`grace_rewards`, whatever the device (tests call it directly)."""
+    variant = effective_variant(mode, variant)
     num_groups, group_size, negative = _check_inputs(main, query, negative, group_size, mode, variant)
     hidden_size = main.shape[1]
     main, query = main.contiguous(), query.contiguous()
@@ -217,8 +255,10 @@ def grace_rewards_triton(main, query, negative=None, *, group_size, mode="superv
         main, query, negatives, terms["total"], terms["pos"], terms["neg"], terms["clust"], terms["cross"],
         num_groups, group_size, num_negatives, hidden_size, main.stride(0), query.stride(0), negatives.stride(0),
         1.0 / (group_size - 1) if group_size > 1 else 0.0, 1.0 / (num_groups - 1) if num_groups > 1 else 0.0,
+        1.0 / max(num_negatives, 1), 1.0 if _subtracts_cross(mode, variant) else -1.0,
         1.0 / temperature, clustering_weight, cross_group_weight, NORM_EPS,
-        HAS_NEGATIVES=negative is not None, CROSS_IS_MAX_OVER_GROUPS=not _subtracts_cross(mode, variant),
+        HAS_NEGATIVES=negative is not None, NEG_PER_ROLLOUT=variant == "per-rollout",
+        CROSS_IS_MAX_OVER_GROUPS=not (_subtracts_cross(mode, variant) or variant == "per-rollout"),
         BLOCK_K=triton.next_power_of_2(group_size), BLOCK_G=triton.next_power_of_2(num_groups),
         BLOCK_M=triton.next_power_of_2(max(num_negatives, 1)), BLOCK_H=block_h)
     return terms
@@ -234,9 +274,10 @@ def grace_rewards(main, query, negative=None, *, group_size, mode="supervised", 
     Args:
         main: [G*K, H] pooled rollout embeddings, group-major (rows g*K ... g*K+K-1 are group g).
         query: [G, H] query embeddings (supervised) or anchor embeddings (unsupervised).
-        negative: [G, H] hard negatives (supervised), or [G, M, H] for the paper variant; None when unsupervised.
+        negative: [G, H] hard negatives (supervised), or [G, M, H] for the paper and per-rollout variants; None when
+            unsupervised.
         group_size: K, rollouts per group.
-        mode: "supervised" or "unsupervised". variant: "code" or "paper" (see the module docstring).
+        mode: "supervised" or "unsupervised". variant: "code", "paper" or "per-rollout" (module docstring).
         temperature, clustering_weight, cross_group_weight: tau, lambda1, lambda2.
     Inputs need not be normalised and may be fp32 / bf16 / fp16.
 

@@ -15,7 +15,11 @@ from megatron.core import parallel_state
 
 from .grpo import apply_length_penalty
 from .kernels import grace_rewards
-from .kernels.grace_rewards import REWARD_TERMS
+from .kernels.grace_rewards import REWARD_TERMS, term_weights
+
+
+# The parts of a reward whose share of the advantage variance is logged (advantage_share_<term>).
+ADVANTAGE_SHARE_TERMS = ("pos", "neg", "clust", "cross", "length")
 
 
 @dataclass
@@ -51,7 +55,7 @@ def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Te
     global_negatives = None
     if negatives is not None:
         global_negatives = _all_gather_data_parallel(negatives)
-        if settings.variant == "code":
+        if settings.variant == "code":  # exactly one negative per query; paper and per-rollout take all of them
             global_negatives = global_negatives[:, 0]
     terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=settings.mode,
                           variant=settings.variant, temperature=settings.temperature,
@@ -62,3 +66,26 @@ def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Te
     local["total"] = apply_length_penalty(local["total"], truncated.to(local["total"].device),
                                           settings.length_penalty)
     return local
+
+
+def advantage_variance_sums(rewards: dict[str, torch.Tensor], truncated: torch.Tensor, group_size: int,
+                            settings: RewardSettings) -> dict[str, float]:
+    """How much of the GRPO advantage each reward term carries, as sums to reduce over ranks.
+
+    The reward of a row is written as the sum of contributions: weight · term for every term on every row, plus, for
+    a truncated response, ``length`` = penalty − (its weighted terms), the change the length penalty makes when it
+    replaces the reward. The advantage (before any std normalisation) is that sum minus its group mean. Term t's
+    share is cov(centred contribution_t, advantage) / var(advantage): the shares add up to one, and a term that is
+    constant within every group (neg and cross in the code and paper variants) has share exactly 0, whatever the
+    truncation. Returns ``advantage_cov_<term>_sum`` per term (and ``length``) and ``advantage_var_sum``."""
+    weights = term_weights(settings.mode, settings.variant, settings.temperature, settings.clustering_weight,
+                           settings.cross_group_weight)
+    truncated = truncated.to(rewards["pos"].device)
+    contributions = {name: weight * rewards[name].double() for name, weight in weights.items()}
+    contributions["length"] = torch.where(truncated, settings.length_penalty - sum(contributions.values()), 0.0)
+    centred = {name: (values.view(-1, group_size) - values.view(-1, group_size).mean(dim=1, keepdim=True)).reshape(-1)
+               for name, values in contributions.items()}
+    advantage = sum(centred.values())
+    sums = {f"advantage_cov_{name}_sum": float((values * advantage).sum()) for name, values in centred.items()}
+    sums["advantage_var_sum"] = float((advantage ** 2).sum())
+    return sums

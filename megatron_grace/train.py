@@ -46,7 +46,7 @@ from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_fo
 from .platform import ParallelLayout, free_port, initialize_distributed
 from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, check_finite_weights,
                           check_save_location, checkpoint_size_estimate, inject_nonfinite)
-from .reward import RewardSettings, compute_rewards
+from .reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import StageOutput, run_microbatches
 
@@ -104,6 +104,10 @@ class GraceTrainer:
         self.dataset = load_grace_dataset(args.train_data, self.tokenizer, mode=args.train_mode,
                                           max_prompt_length=args.max_prompt_length, strict=args.strict_data,
                                           verbose=dist.get_rank() == 0)
+        if args.train_mode == "supervised" and args.reward_variant == "code" and self.dataset.num_negatives > 1:
+            raise ValueError(f"--reward-variant code scores one negative per query, and the training data "
+                             f"({args.train_data or 'the bundled sample'}) has "
+                             f"{self.dataset.num_negatives}: use --reward-variant paper or per-rollout")
         self.sampler = GroupSampler(len(self.dataset), args.global_batch_size, args.seed)
         self.iteration = 0
         self.optimizer_steps = 0
@@ -329,6 +333,8 @@ class GraceTrainer:
             sums["advantage_sum"] = float(advantages.sum())
             sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
             maxima["advantage_abs_max"] = float(advantages.abs().max())
+            sums.update(advantage_variance_sums(rewards, torch.tensor([r.truncated for r in rollouts[:main_rows]]),
+                                                self.args.rollout_n, self.reward_settings))
             sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
                 rollouts[:main_rows], experience.old_log_probs[:main_rows], batch.response_target_mask()[:main_rows]))
             sums.update({key: value for key, value in update.items() if key != "grad_norm"})
@@ -357,6 +363,10 @@ class GraceTrainer:
         }
         for term in ("pos", "neg", "clust", "cross"):
             result[f"reward_{term}_mean"] = metrics.get(f"reward_{term}_sum", float("nan")) / main_total
+        variance = metrics.get("advantage_var_sum", 0.0)
+        for term in ADVANTAGE_SHARE_TERMS:  # NaN when no group had any spread
+            result[f"advantage_share_{term}"] = (metrics.get(f"advantage_cov_{term}_sum", float("nan")) / variance
+                                                 if variance > 0 else float("nan"))
         if self.args.kl_coef > 0:
             result["kl"] = metrics.get("kl_sum", float("nan")) / tokens
         if self.args.entropy_coef > 0:

@@ -69,6 +69,17 @@ HAND_CASES = {
     ("unsupervised", "paper"): dict(
         negative=None, pos=POS, neg=[0, 0, 0, 0], clust=CLUST, cross=SUPERVISED_CROSS,
         total=[10 + 2 * R, 12 * R, 10 - 2 * R, -2 * R]),
+    # neg = -mean_m cos(m_gk, n_gm): m00 (0) vs {180, 45}: -(-1 + r)/2; m01 (45) vs {180, 45}: -(-r + 1)/2;
+    # m10 (90) vs {0, 270}: -(0 - 1)/2; m11 (180) vs {0, 270}: -(-1 + 0)/2.
+    # cross = -cos(m_gk, q of the other group): -cos(0, 90) = 0, -cos(45, 90) = -r, -cos(90, 0) = 0, -cos(180, 0) = 1.
+    # total = 10 (pos + neg) + 2 clust + 2 cross.
+    ("supervised", "per-rollout"): dict(
+        negative=TWO_NEGATIVES, pos=POS, neg=[(1 - R) / 2, (R - 1) / 2, 0.5, 0.5], clust=CLUST, cross=[0, -R, 0, 1],
+        total=[15 - 3 * R, 15 * R - 5, 15, 7]),
+    # No negatives, and the code variant's cross term is already per rollout: the unsupervised code values.
+    ("unsupervised", "per-rollout"): dict(
+        negative=None, pos=POS, neg=[0, 0, 0, 0], clust=CLUST, cross=[0, R, 0, -1],
+        total=[10 + 2 * R, 10 * R, 10, 2]),
 }
 
 
@@ -109,8 +120,9 @@ def random_inputs(num_groups, group_size, num_negatives, hidden_size, dtype, see
 
 # (G, K, H): G = 1, K = 1, H below and above the block, and group sizes that are not powers of two.
 SHAPES = [(1, 4, 19), (4, 1, 33), (3, 5, 37), (5, 3, 600)]
-MODES = [("supervised", "code", 1), ("supervised", "paper", 3), ("unsupervised", "code", 0),
-         ("unsupervised", "paper", 0)]
+MODES = [("supervised", "code", 1), ("supervised", "paper", 3), ("supervised", "per-rollout", 1),
+         ("supervised", "per-rollout", 3), ("unsupervised", "code", 0), ("unsupervised", "paper", 0),
+         ("unsupervised", "per-rollout", 0)]
 
 
 @pytest.mark.parametrize("rewards", IMPLEMENTATIONS)
@@ -168,3 +180,52 @@ def test_invalid_arguments_raise(mode, variant, negative_shape, message):
 def test_rows_must_be_groups_times_group_size():
     with pytest.raises(ValueError, match=r"expected G\*K = 2\*4"):
         grace_rewards(torch.randn(6, 8), torch.randn(2, 8), torch.randn(2, 8), group_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each term's share of the advantage variance (megatron_grace.reward.advantage_variance_sums).
+# ----------------------------------------------------------------------------------------------------------------
+def shares_by_hand(terms, truncated, group_size, weights, penalty):
+    """cov(centred contribution, advantage) / var(advantage) with explicit loops in float64; a truncated row's
+    replacement by the penalty is the ``length`` contribution."""
+    rows = len(truncated)
+    contributions = {name: [weights[name] * float(terms[name][i]) for i in range(rows)] for name in weights}
+    contributions["length"] = [penalty - sum(contributions[name][i] for name in weights) if truncated[i] else 0.0
+                               for i in range(rows)]
+    centred = {}
+    for name, values in contributions.items():
+        centred[name] = []
+        for start in range(0, rows, group_size):
+            group = values[start: start + group_size]
+            centred[name] += [v - sum(group) / group_size for v in group]
+    advantage = [sum(centred[name][i] for name in centred) for i in range(rows)]
+    variance = sum(a * a for a in advantage)
+    return {name: sum(c * a for c, a in zip(values, advantage)) / variance for name, values in centred.items()}
+
+
+@pytest.mark.parametrize("variant", ["code", "per-rollout"])
+def test_advantage_shares_add_up_and_show_the_cancellation(variant):
+    from megatron_grace.kernels.grace_rewards import term_weights
+    from megatron_grace.reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums
+
+    num_groups, group_size = 3, 4
+    main, query, negative = random_inputs(num_groups, group_size, 3, 16, torch.float64)
+    if variant == "code":
+        negative = negative[:, 0]
+    terms = torch_path(main, query, negative, group_size=group_size, variant=variant)
+    truncated = torch.tensor([False, True, False, False, False, False, True, False, False, False, False, False])
+    settings = RewardSettings(variant=variant, length_penalty=-1.0)
+    sums = advantage_variance_sums(terms, truncated, group_size, settings)
+    shares = {name: sums[f"advantage_cov_{name}_sum"] / sums["advantage_var_sum"] for name in ADVANTAGE_SHARE_TERMS}
+    weights = term_weights("supervised", variant, 0.1, 0.2, 0.2)
+    expected = shares_by_hand(terms, truncated.tolist(), group_size, weights, -1.0)
+    assert shares == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert sum(shares.values()) == pytest.approx(1.0, rel=1e-12)
+    if variant == "code":  # constant within a group: cancelled by the group-mean baseline, truncation or not
+        assert abs(shares["neg"]) < 1e-12 and abs(shares["cross"]) < 1e-12
+    else:
+        assert abs(shares["neg"]) > 1e-3 and abs(shares["cross"]) > 1e-3
+    # The contributions add up to the reward the advantage is computed from.
+    rewards = torch.where(truncated, -1.0, terms["total"].double())
+    centred = rewards.view(-1, group_size) - rewards.view(-1, group_size).mean(dim=1, keepdim=True)
+    assert float((centred ** 2).sum()) == pytest.approx(sums["advantage_var_sum"], rel=1e-6)

@@ -52,6 +52,11 @@ def test_rewards_and_updates_are_real(train_results):
     assert first["logprob_mismatch"] < 1e-4  # rollout vs training forward log-probs
     for term in ("pos", "neg", "clust", "cross"):
         assert -1.0 <= first[f"reward_{term}_mean"] <= 1.0
+    # Each term's share of the advantage variance: they add up to one, and in the code variant the negative and
+    # cross-group terms are constant within a group, so the group-mean baseline cancels them.
+    shares = {term: first[f"advantage_share_{term}"] for term in ("pos", "neg", "clust", "cross", "length")}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert abs(shares["neg"]) < 1e-9 and abs(shares["cross"]) < 1e-9 and shares["pos"] != 0
     # The policy changes between steps: step 2 samples from updated weights.
     assert train_results["tp1pp1"][1] != first
 
@@ -81,3 +86,15 @@ def test_kl_and_entropy_terms(train_results):
     # First step: policy == reference, so the KL is exactly 0 before any update; entropy of a random model is large.
     assert step["kl"] == pytest.approx(0.0, abs=1e-6)
     assert step["entropy"] > 1.0
+
+
+def test_per_rollout_reward_variant_reaches_the_advantage(train_results):
+    per_rollout, = train_results["per_rollout_tp2pp2"]
+    code = train_results["tp1pp1"][0]
+    # Same policy, same rollouts: the terms both variants share agree; neg and cross are measured per rollout.
+    for key in ("reward_pos_mean", "reward_clust_mean", "response_length_mean", "truncation_rate"):
+        assert per_rollout[key] == pytest.approx(code[key], rel=1e-4, abs=1e-6), key
+    assert per_rollout["reward_neg_mean"] != pytest.approx(code["reward_neg_mean"], abs=1e-4)
+    shares = {term: per_rollout[f"advantage_share_{term}"] for term in ("pos", "neg", "clust", "cross", "length")}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert abs(shares["neg"]) > 1e-4 and abs(shares["cross"]) > 1e-4

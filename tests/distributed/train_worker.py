@@ -65,6 +65,7 @@ def main() -> None:
     results["unsupervised_tp1"] = run(1, 1, "--train-iters", "1", "--train-mode", "unsupervised",
                                       "--train-data", unsupervised)
     results["kl_entropy_tp2pp2"] = run(2, 2, "--train-iters", "1", "--kl-coef", "0.1", "--entropy-coef", "0.01")
+    results["per_rollout_tp2pp2"] = run(2, 2, "--train-iters", "1", "--reward-variant", "per-rollout")
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
