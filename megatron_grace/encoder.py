@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from megatron_grace.data.prompts import Prompt, PromptBuilder
 from megatron_grace.kernels import masked_mean_pool
+from megatron_grace.utils import hash_file_into
 
 POOLING_MODES = ("mean", "last", "eos")
 MAX_PROMPT_TOKENS = 1024  # grace-spec.md: prompts are cut to 1024 tokens at training and evaluation time
@@ -61,9 +62,7 @@ def model_fingerprint(hf_dir: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        hash_file_into(digest, path)
     return digest.hexdigest()
 
 

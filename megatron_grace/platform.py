@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from .utils import free_port
+
 _CPU = torch.device("cpu")
 _CUDA_TENSOR_TYPES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -237,10 +239,3 @@ def destroy_distributed() -> None:
 def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else _CPU
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -31,7 +31,7 @@ from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper 
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from .checkpointing import unwrap
+from .utils import unwrap
 from .kernels import sample_tokens
 from .models import rope
 from .models.builder import config_overrides

@@ -24,7 +24,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .checkpointing import unwrap
+from .utils import unwrap
 from .models.builder import config_overrides, mask_padded_vocab
 
 

@@ -43,12 +43,13 @@ from .models.config import ModelArchitecture
 from .models.hf_io import load_hf_state_dict
 from .models.state_dict import hf_to_mcore, load_global_state_into_model
 from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
-from .platform import ParallelLayout, free_port, initialize_distributed
+from .platform import ParallelLayout, initialize_distributed
 from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, check_finite_weights,
                           check_save_location, checkpoint_size_estimate, inject_nonfinite)
 from .reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import StageOutput, run_microbatches
+from .utils import free_port
 
 
 def log0(message: str) -> None:

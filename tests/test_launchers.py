@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_grace.platform import free_port
+from megatron_grace.utils import free_port
 from megatron_grace.testing import save_tiny_hf_model, stable_metrics
 
 REPO = Path(__file__).resolve().parents[1]

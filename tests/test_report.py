@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grace.console import KNOWN_HARMLESS_WARNINGS, configure_console, log_level
-from megatron_grace.platform import free_port
+from megatron_grace.utils import free_port
 from megatron_grace.report import build_report
 from megatron_grace.testing import save_tiny_hf_model
 

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_grace.checkpointing import save_checkpoint, unwrap
+from megatron_grace.checkpointing import save_checkpoint
+from megatron_grace.utils import unwrap
 from megatron_grace.data.prompts import Prompt
 from megatron_grace.experience import SequenceBatch, one_pass_forward
 from megatron_grace.rollout import Rollout
