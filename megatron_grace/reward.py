@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .grpo import apply_length_penalty
+from .grpo import apply_length_penalty, group_advantages
 from .kernels import grace_rewards
 from .kernels.grace_rewards import REWARD_TERMS, term_weights
 
@@ -83,8 +83,7 @@ def advantage_variance_sums(rewards: dict[str, torch.Tensor], truncated: torch.T
     truncated = truncated.to(rewards["pos"].device)
     contributions = {name: weight * rewards[name].double() for name, weight in weights.items()}
     contributions["length"] = torch.where(truncated, settings.length_penalty - sum(contributions.values()), 0.0)
-    centred = {name: (values.view(-1, group_size) - values.view(-1, group_size).mean(dim=1, keepdim=True)).reshape(-1)
-               for name, values in contributions.items()}
+    centred = {name: group_advantages(values, group_size) for name, values in contributions.items()}
     advantage = sum(centred.values())
     sums = {f"advantage_cov_{name}_sum": float((values * advantage).sum()) for name, values in centred.items()}
     sums["advantage_var_sum"] = float((advantage ** 2).sum())
