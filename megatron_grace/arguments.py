@@ -12,6 +12,9 @@ DEFAULT_TRAIN_DATA = {
     "unsupervised": Path(__file__).resolve().parent.parent / "examples" / "data" / "train_unsupervised.txt",
 }
 
+ALGORITHMS = ("grace", "infonce", "simcse")  # grace: GRPO; the others: megatron_grace/contrastive.py
+CONTRASTIVE_MODES = {"infonce": "supervised", "simcse": "unsupervised"}  # the --train-mode each baseline reads
+DEFAULT_SIMCSE_DROPOUT = 0.1  # SimCSE's dropout (Gao et al. 2021): --hidden-dropout's default for simcse
 
 # ``--export-hf`` without a value: the run directory's ``hf/``, resolved after parsing so that a ``--save`` given later
 # on the command line (after a config's flags) moves the export with it, as TensorBoard's default does.
@@ -56,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "batch there); the only device-to-host read of the decode loop")
 
     objective = parser.add_argument_group("objective")
+    objective.add_argument("--algorithm", choices=ALGORITHMS, default="grace",
+                           help="grace: GRPO on rationale rollouts; infonce / simcse: the contrastive baselines on "
+                                "the same model, data and pooling without rationales (megatron_grace/contrastive.py)")
+    objective.add_argument("--contrastive-temperature", type=float, default=0.05,
+                           help="τ of the InfoNCE loss of --algorithm infonce / simcse")
+    objective.add_argument("--hidden-dropout", type=float, default=None,
+                           help=f"dropout on the hidden states (default {DEFAULT_SIMCSE_DROPOUT} for simcse, "
+                                f"0 otherwise; grace needs 0)")
     objective.add_argument("--reward-variant", choices=["code", "paper", "per-rollout"], default="code",
                            help="code: the reference code's terms; paper: several negatives summed; per-rollout: "
                                 "negatives and cross-group term measured against each rollout, so they reach the "
@@ -128,17 +139,34 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     dp = world_size // (tp * pp)
     if args.global_batch_size % dp:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the data-parallel size {dp}")
-    if args.global_batch_size % args.ppo_mini_batch_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by --ppo-mini-batch-size "
-             f"{args.ppo_mini_batch_size}")
-    if args.ppo_mini_batch_size % dp:
-        fail(f"--ppo-mini-batch-size {args.ppo_mini_batch_size} is not divisible by the data-parallel size {dp}")
-    if (args.ppo_mini_batch_size // dp * args.rollout_n) % args.micro_batch_size:
-        fail(f"--micro-batch-size {args.micro_batch_size} does not divide the {args.ppo_mini_batch_size // dp} "
-             f"prompts × {args.rollout_n} rollouts of a mini-batch on each data-parallel rank")
-    if args.rollout_n < 2:
-        fail(f"--rollout-n {args.rollout_n}: GRPO needs at least 2 rollouts per prompt (advantages are relative to "
-             f"the group)")
+    if args.algorithm == "grace":
+        if args.global_batch_size % args.ppo_mini_batch_size:
+            fail(f"--global-batch-size {args.global_batch_size} is not divisible by --ppo-mini-batch-size "
+                 f"{args.ppo_mini_batch_size}")
+        if args.ppo_mini_batch_size % dp:
+            fail(f"--ppo-mini-batch-size {args.ppo_mini_batch_size} is not divisible by the data-parallel size {dp}")
+        if (args.ppo_mini_batch_size // dp * args.rollout_n) % args.micro_batch_size:
+            fail(f"--micro-batch-size {args.micro_batch_size} does not divide the {args.ppo_mini_batch_size // dp} "
+                 f"prompts × {args.rollout_n} rollouts of a mini-batch on each data-parallel rank")
+        if args.rollout_n < 2:
+            fail(f"--rollout-n {args.rollout_n}: GRPO needs at least 2 rollouts per prompt (advantages are relative "
+                 f"to the group)")
+        if args.hidden_dropout:
+            fail(f"--hidden-dropout {args.hidden_dropout} with --algorithm grace: the PPO ratio compares the "
+                 f"rollout's and the update's log-probs of the same policy, which dropout would make differ")
+    else:
+        if args.train_mode != CONTRASTIVE_MODES[args.algorithm]:
+            fail(f"--algorithm {args.algorithm} trains on {CONTRASTIVE_MODES[args.algorithm]} data: give "
+                 f"--train-mode {CONTRASTIVE_MODES[args.algorithm]} (got {args.train_mode})")
+        if args.contrastive_temperature <= 0:
+            fail("--contrastive-temperature must be positive")
+        if args.hidden_dropout and args.sequence_parallel:
+            fail("--hidden-dropout with --sequence-parallel: dropout under sequence parallelism draws from "
+                 "Megatron's tensor-parallel RNG tracker, which the replay of the masks does not cover")
+        if args.kl_coef > 0 or args.entropy_coef > 0:
+            fail("--kl-coef / --entropy-coef are GRPO terms: they need --algorithm grace")
+    if args.hidden_dropout is not None and not 0 <= args.hidden_dropout < 1:
+        fail(f"--hidden-dropout {args.hidden_dropout} must be in [0, 1)")
     if args.sequence_parallel and tp == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     for flag in ("train_iters", "max_response_length", "max_prompt_length", "micro_batch_size", "log_interval",
@@ -159,6 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.train_data is None:
         args.train_data = str(DEFAULT_TRAIN_DATA[args.train_mode])
+    if args.hidden_dropout is None:
+        args.hidden_dropout = DEFAULT_SIMCSE_DROPOUT if args.algorithm == "simcse" else 0.0
     if args.export_hf == EXPORT_UNDER_SAVE and args.save is not None:
         args.export_hf = str(Path(args.save) / "hf")
     return args

@@ -66,8 +66,8 @@ class SequenceBatch:
         start = self.prompt_lengths.unsqueeze(1)
         return (target_position >= start) & (target_position < start + self.response_lengths.unsqueeze(1))
 
-    def microbatches(self, micro_batch_size: int, *, length_trimmed: bool = True, **per_row: torch.Tensor
-                     ) -> list[dict]:
+    def microbatches(self, micro_batch_size: int, *, length_trimmed: bool = True,
+                     row_vectors: dict[str, torch.Tensor] | None = None, **per_row: torch.Tensor) -> list[dict]:
         """Split into micro-batches of ``micro_batch_size`` rows; the last one is filled up with copies of a row,
         marked ``is_filler`` so their results are dropped and their loss is zero. ``rows`` holds each micro-batch
         row's index in this batch.
@@ -76,13 +76,15 @@ class SequenceBatch:
         row (rounded up to ``length_multiple``), so short rationales do not pay for the longest one. Widths then
         differ between micro-batches; :func:`~megatron_grace.schedule.run_microbatches` switches Megatron's
         pipeline communication to ``variable_seq_lengths`` (shapes are sent ahead of each tensor). Otherwise every
-        micro-batch has the batch's width, in row order. ``per_row`` tensors are [N] or [N, S-1] (targets)."""
+        micro-batch has the batch's width, in row order. ``per_row`` tensors are [N] or [N, S-1] (targets, trimmed
+        with the tokens); ``row_vectors`` are [N, K] tensors that are not (an embedding gradient per row)."""
         rows = dict(tokens=self.tokens, pool_mask=self.pool_mask(), response_mask=self.response_target_mask(),
                     **per_row)
         batches = []
         for chosen, is_filler, width in self._microbatch_rows(micro_batch_size, length_trimmed):
             batch = {name: _trim(tensor[chosen], width, self.tokens.shape[1]).to(current_device())
                      for name, tensor in rows.items()}
+            batch.update({name: tensor[chosen].to(current_device()) for name, tensor in (row_vectors or {}).items()})
             batch["rows"] = chosen
             batch["is_filler"] = is_filler.to(current_device())
             batch["position_ids"] = torch.arange(width).expand(micro_batch_size, -1).to(current_device())
@@ -136,6 +138,14 @@ def pool_hidden(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         shard = hidden.shape[0]
         start = parallel_state.get_tensor_model_parallel_rank() * shard
         sums, counts = masked_sum_pool_partial(hidden, pool_mask[:, start: start + shard], seq_first=True)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # Training through the pool (contrastive baselines): every TP rank evaluates the same loss on the mean,
+            # so the sum's backward is the identity (Megatron's reduce-from-tensor-parallel-region).
+            from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+            sums = reduce_from_tensor_model_parallel_region(sums)
+            counts = reduce_from_tensor_model_parallel_region(counts)
+            return sums / counts.clamp_min(1)[:, None]
         return all_reduce_masked_mean(sums, counts, group=parallel_state.get_tensor_model_parallel_group())
     return masked_mean_pool(hidden, pool_mask, seq_first=True)
 
@@ -161,8 +171,11 @@ def logprob_mismatch_sum(rollouts: list[Rollout], old_log_probs: torch.Tensor,
 
 
 @torch.no_grad()
-def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, length_trimmed: bool = True
-                     ) -> Experience:
+def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, length_trimmed: bool = True,
+                     dropout_seed: int | None = None) -> Experience:
+    """Old log-probs and pooled embeddings of every row. The model runs in eval mode (no dropout) unless a
+    ``dropout_seed`` is given: then dropout is on with masks drawn from that seed, so that a later forward/backward
+    with the same seed and micro-batches replays them (SimCSE's two passes, :mod:`megatron_grace.contrastive`)."""
     def collect(micro, output):
         log_probs = output.log_probs * micro["response_mask"]
         pooled = pool_hidden(output.hidden, micro["pool_mask"])
@@ -170,9 +183,9 @@ def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, leng
         return log_probs.new_zeros(()), torch.tensor(1), {"log_probs": log_probs[keep], "pooled": pooled[keep],
                                                            "rows": micro["rows"][keep.cpu()]}
 
-    model.eval()
+    model.train(dropout_seed is not None)
     outputs = run_microbatches(model, batch.microbatches(micro_batch_size, length_trimmed=length_trimmed), collect,
-                               forward_only=True)
+                               forward_only=True, dropout_seed=dropout_seed)
     model.train()
     if not parallel_state.is_pipeline_last_stage():
         return Experience(None, None)

@@ -32,7 +32,8 @@ class RewardSettings:
     length_penalty: float = -1.0
 
 
-def _all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every data-parallel rank (equal shapes), concatenated along dim 0 in rank order; no gradient."""
     group = parallel_state.get_data_parallel_group()
     size = dist.get_world_size(group)
     if size == 1:
@@ -50,11 +51,11 @@ def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Te
     Returns float32 [G·K] tensors: ``total`` (length penalty applied) and the raw terms pos/neg/clust/cross.
     """
     local_rows = main.shape[0]
-    global_main = _all_gather_data_parallel(main)
-    global_query = _all_gather_data_parallel(query)
+    global_main = all_gather_data_parallel(main)
+    global_query = all_gather_data_parallel(query)
     global_negatives = None
     if negatives is not None:
-        global_negatives = _all_gather_data_parallel(negatives)
+        global_negatives = all_gather_data_parallel(negatives)
         if settings.variant == "code":  # exactly one negative per query; paper and per-rollout take all of them
             global_negatives = global_negatives[:, 0]
     terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=settings.mode,

@@ -16,6 +16,7 @@ logits take the logits path instead.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -36,9 +37,45 @@ class StageOutput:
 
 
 def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forward_only: bool,
-                     need_logits: bool = False) -> list[dict]:
+                     need_logits: bool = False, dropout_seed: int | None = None) -> list[dict]:
     """Each micro-batch holds ``tokens`` [B, S] and ``position_ids`` [B, S]: one B for all, S may differ (then the
-    pipeline stages exchange each activation's shape before it, Megatron's ``variable_seq_lengths``)."""
+    pipeline stages exchange each activation's shape before it, Megatron's ``variable_seq_lengths``).
+
+    ``dropout_seed``: the default generator is re-seeded from (seed, micro-batch index, layer number) before the
+    embedding (layer 0) and before every decoder layer, so two runs over the same micro-batches draw the same dropout
+    masks whatever the pipeline layout (each stage seeds its own layers by their global number); the generator's
+    state is restored afterwards. Hidden dropout draws from the default generator when sequence parallelism is off
+    (the only case it is allowed: see :func:`~megatron_grace.arguments.validate_args`)."""
+    if dropout_seed is not None:
+        with _replayed_dropout(unwrap(model), dropout_seed) as start_microbatch:
+            return _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, start_microbatch)
+    return _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, lambda: None)
+
+
+@contextlib.contextmanager
+def _replayed_dropout(stage, seed: int):
+    from .rollout import row_seed
+
+    microbatch = [-1]
+
+    def start_microbatch():
+        microbatch[0] += 1
+        torch.manual_seed(row_seed(seed, microbatch[0], 0, 0))
+
+    def seed_layer(layer, inputs):
+        torch.manual_seed(row_seed(seed, microbatch[0], layer.layer_number, 0))
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        handles = [layer.register_forward_pre_hook(seed_layer) for layer in stage.decoder.layers]
+        try:
+            yield start_microbatch
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, start_microbatch) -> list[dict]:
     stage = unwrap(model)
     arch = stage.arch
     use_labels = not need_logits
@@ -52,6 +89,7 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
 
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
+        start_microbatch()
         # Position t predicts token t+1; the last position's label is a placeholder, dropped below.
         labels = torch.roll(batch["tokens"], -1, dims=1) if use_labels else None
         loss_mask = None

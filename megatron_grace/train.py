@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from .arguments import parse_args, validate_args
+from .contrastive import NO_RATIONALE, ContrastiveRows, contrastive_backward
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
@@ -105,7 +106,11 @@ class GraceTrainer:
         self.dataset = load_grace_dataset(args.train_data, self.tokenizer, mode=args.train_mode,
                                           max_prompt_length=args.max_prompt_length, strict=args.strict_data,
                                           verbose=dist.get_rank() == 0)
-        if args.train_mode == "supervised" and args.reward_variant == "code" and self.dataset.num_negatives > 1:
+        if args.algorithm == "infonce" and self.dataset.num_negatives == 0:
+            raise ValueError(f"--algorithm infonce needs hard negatives: the rows of "
+                             f"{args.train_data or 'the bundled sample'} have no 'negative' field")
+        if (args.algorithm == "grace" and args.train_mode == "supervised" and args.reward_variant == "code"
+                and self.dataset.num_negatives > 1):
             raise ValueError(f"--reward-variant code scores one negative per query, and the training data "
                              f"({args.train_data or 'the bundled sample'}) has "
                              f"{self.dataset.num_negatives}: use --reward-variant paper or per-rollout")
@@ -115,8 +120,11 @@ class GraceTrainer:
         if self.checkpoint is not None:
             with timed_phase(f"loaded {self.checkpoint}", printer=log0):
                 self._resume()
-        self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
-                                    pad_token_id=self.pad_token_id, sync_interval=args.rollout_sync_interval)
+        self.engine = None
+        if args.algorithm == "grace":
+            self.engine = RolloutEngine(self.model,
+                                        eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
+                                        pad_token_id=self.pad_token_id, sync_interval=args.rollout_sync_interval)
         self.reward_settings = RewardSettings(
             mode=args.train_mode, variant=args.reward_variant, temperature=args.reward_temperature,
             clustering_weight=args.clustering_weight, cross_group_weight=args.cross_group_weight,
@@ -146,7 +154,8 @@ class GraceTrainer:
     def _build_model(self):
         config = make_transformer_config(self.arch, params_dtype=self.params_dtype,
                                          sequence_parallel=self.args.sequence_parallel,
-                                         recompute=self.args.recompute_activations)
+                                         recompute=self.args.recompute_activations,
+                                         hidden_dropout=self.args.hidden_dropout)
         return build_gpt_model(self.arch, config)
 
     def _load_hf_weights(self, model) -> None:
@@ -176,13 +185,13 @@ class GraceTrainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        if self.args.algorithm != "grace":
+            return self.contrastive_step()
         args, timings = self.args, {}
         n, step = args.rollout_n, self.iteration + 1
 
         # 1. data: whole groups per data-parallel rank.
-        global_batch = self.sampler.next_batch()
-        local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
-        examples = [self.dataset[i] for i in local]
+        global_batch, examples = self._next_examples()
         groups, num_negatives = len(examples), self.dataset.num_negatives
 
         # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
@@ -245,6 +254,63 @@ class GraceTrainer:
         self.watchdog.idle()
         return metrics
 
+    def _next_examples(self) -> tuple[list[int], list]:
+        """The global batch's dataset indices and this data-parallel rank's examples (a contiguous slice)."""
+        global_batch = self.sampler.next_batch()
+        local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
+        return global_batch, [self.dataset[i] for i in local]
+
+    def contrastive_step(self) -> dict:
+        """One step of a contrastive baseline (``--algorithm infonce | simcse``, :mod:`megatron_grace.contrastive`):
+        embed the rows without rationale, the in-batch loss and its embedding gradients, one optimizer step."""
+        args, timings, step = self.args, {}, self.iteration + 1
+        global_batch, examples = self._next_examples()
+        rows = ContrastiveRows.build(examples, args.algorithm)
+        batch = rows.sequence_batch(pad_token_id=self.pad_token_id, length_multiple=self._length_multiple())
+        # SimCSE's two views differ by their dropout masks; the update replays the masks of the embedding pass.
+        dropout_seed = row_seed(args.seed, self.iteration, 0, 0) if args.hidden_dropout > 0 else None
+
+        self.watchdog.enter("update", step)
+        self._set_lr()
+        zero_grads(self.model, self.optimizer)
+        outputs, loss_metrics = contrastive_backward(
+            self.model, batch, rows, micro_batch_size=args.micro_batch_size,
+            temperature=args.contrastive_temperature, hidden_size=self.arch.hidden_size, dropout_seed=dropout_seed,
+            timings=timings)
+        start = time.perf_counter()
+        _, grad_norm = self._checked_optimizer_step(step, outputs)
+        timings["update"] += time.perf_counter() - start
+        self.iteration += 1
+
+        computed, real = map(float, batch.token_counts(args.micro_batch_size))
+        # The update runs over the same micro-batches as the forward.
+        sums = {**loss_metrics, "forward_tokens": computed, "forward_real_tokens": real, "update_tokens": computed,
+                "update_real_tokens": real}
+        totals = reduce_metrics(sums, {}, is_contributing=self.is_last_stage)
+        metrics = {"step": self.iteration, "loss": totals.get("loss", float("nan")),
+                   "reward_pos_mean": totals.get("positive_cos", float("nan")),
+                   "negative_cos_mean": totals.get("negative_cos", float("nan")),
+                   "top1_accuracy": totals.get("top1_accuracy", float("nan")),
+                   "response_length_mean": 0.0, "truncation_rate": 0.0,
+                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics.update(self._throughput_metrics(timings, totals, update_tokens=totals["update_real_tokens"]))
+        metrics["skipped_updates"] = self.nonfinite.finish_step(step)
+        metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
+        self.watchdog.idle()
+        return metrics
+
+    def _checked_optimizer_step(self, step: int, outputs: list[dict]) -> tuple[bool, float]:
+        """The optimizer step after a forward/backward schedule, unless a loss or a gradient is NaN/Inf (checked
+        before optimizer.step(), which clips with the grad norm and applies the update in one call). Returns
+        (applied, grad norm; NaN when skipped)."""
+        inject_nonfinite("grad", step, next(self.model.parameters()).main_grad)
+        if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
+                and self.nonfinite.check_gradients(step, self.model)):
+            return False, float("nan")
+        _, grad_norm = optimizer_step(self.model, self.optimizer)
+        self.optimizer_steps += 1
+        return True, float("nan") if grad_norm is None else grad_norm
+
     def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, main_rows: int) -> dict:
         args = self.args
         rows_per_mini_batch = args.ppo_mini_batch_size // self.dp_size * args.rollout_n
@@ -272,15 +338,10 @@ class GraceTrainer:
                 zero_grads(self.model, self.optimizer)
                 outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False,
                                            need_logits=args.entropy_coef > 0)
-                inject_nonfinite("grad", step, next(self.model.parameters()).main_grad)
-                # Checked before optimizer.step(), which clips with the grad norm and applies the update in one call.
-                if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
-                        and self.nonfinite.check_gradients(step, self.model)):
-                    grad_norms.append(float("nan"))
+                applied, grad_norm = self._checked_optimizer_step(step, outputs)
+                grad_norms.append(grad_norm)
+                if not applied:
                     continue
-                applied, grad_norm = optimizer_step(self.model, self.optimizer)
-                self.optimizer_steps += 1
-                grad_norms.append(float("nan") if grad_norm is None else grad_norm)
                 for out in outputs:
                     for key, value in out.items():
                         totals[key] = totals.get(key, 0.0) + float(value)
@@ -372,20 +433,27 @@ class GraceTrainer:
             result["kl"] = metrics.get("kl_sum", float("nan")) / tokens
         if self.args.entropy_coef > 0:
             result["entropy"] = metrics.get("entropy_sum", float("nan")) / tokens
-        for phase, seconds in timings.items():
-            result[f"time_{phase}_s"] = seconds
-        result["seconds_per_step"] = sum(timings.values())
         result["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(timings["rollout"], 1e-9)
-        result["forward_tokens_per_s"] = metrics["forward_tokens"] / max(timings["forward"], 1e-9)
-        result["padding_share_forward"] = 1.0 - metrics["forward_real_tokens"] / metrics["forward_tokens"]
-        if metrics.get("update_tokens"):
-            result["padding_share_update"] = 1.0 - metrics["update_real_tokens"] / metrics["update_tokens"]
-        result["update_tokens_per_s"] = tokens / max(timings["update"], 1e-9)
-        # Throughput as verl reports it: every real (prompt + rationale) token of the step, all ranks, per second.
-        result["tokens_per_s"] = metrics["forward_real_tokens"] / max(result["seconds_per_step"], 1e-9)
-        result["peak_memory_gb"] = _peak_memory_gb()
+        result.update(self._throughput_metrics(timings, metrics, update_tokens=tokens))
         if "response_lengths" in metrics:
             result["response_lengths"] = metrics["response_lengths"]
+        return result
+
+    @staticmethod
+    def _throughput_metrics(timings: dict, totals: dict, *, update_tokens: float) -> dict:
+        """Phase times, tokens per second and padding shares from step totals summed over ranks
+        (``forward_tokens``/``forward_real_tokens``: computed/real tokens of the one-pass forward, and the same
+        ``update_*`` of the update); ``update_tokens``: the tokens the update's loss covers."""
+        result = {f"time_{phase}_s": seconds for phase, seconds in timings.items()}
+        result["seconds_per_step"] = sum(timings.values())
+        result["forward_tokens_per_s"] = totals["forward_tokens"] / max(timings["forward"], 1e-9)
+        result["padding_share_forward"] = 1.0 - totals["forward_real_tokens"] / totals["forward_tokens"]
+        if totals.get("update_tokens"):
+            result["padding_share_update"] = 1.0 - totals["update_real_tokens"] / totals["update_tokens"]
+        result["update_tokens_per_s"] = update_tokens / max(timings["update"], 1e-9)
+        # Throughput as verl reports it: every real (prompt + rationale) token of the step, all ranks, per second.
+        result["tokens_per_s"] = totals["forward_real_tokens"] / max(result["seconds_per_step"], 1e-9)
+        result["peak_memory_gb"] = _peak_memory_gb()
         return result
 
     def _is_sampled_step(self, step: int) -> bool:
@@ -417,7 +485,7 @@ class GraceTrainer:
         while self.iteration < args.train_iters:
             metrics = self.train_step()
             self.logger.log(metrics)
-            if self._is_sampled_step(self.iteration):
+            if self.engine is not None and self._is_sampled_step(self.iteration):
                 self._log_samples()
             if args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()
@@ -438,8 +506,10 @@ class GraceTrainer:
         forward takes no gradients and sampling noise is counter-based."""
         example = self.dataset[0]
         prompts = [example.main, example.query]
-        rollouts = self.engine.generate([RolloutRequest(prompt.input_ids, self.args.rollout_temperature, 0)
-                                         for prompt in prompts], 2)
+        rollouts = [NO_RATIONALE] * 2
+        if self.engine is not None:
+            rollouts = self.engine.generate([RolloutRequest(prompt.input_ids, self.args.rollout_temperature, 0)
+                                             for prompt in prompts], 2)
         batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
                                     length_multiple=self._length_multiple())
         one_pass_forward(self.model, batch, self.args.micro_batch_size)

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs"
 SBATCH = REPO / "examples" / "slurm" / "pretrain_grace.sbatch"
 CONFIGS = sorted(path for path in CONFIG_DIR.glob("*.sh") if path.name != "paper_defaults.sh")
+BASELINE_CONFIGS = [path for path in CONFIGS if path.stem.endswith(("-infonce", "-simcse"))]
+GRACE_CONFIGS = [path for path in CONFIGS if path not in BASELINE_CONFIGS]
 SHELL_SCRIPTS = sorted([*REPO.glob("examples/**/*.sh"), *REPO.glob("examples/**/*.sbatch"), *REPO.glob("*.sh"),
                         *REPO.glob("tools/**/*.sh"), *REPO.glob("benchmarks/**/*.sh")])
 BASH = shutil.which("bash")
@@ -52,7 +54,7 @@ def test_all_paper_backbones_have_a_config():
             "qwen3-4b-instruct-2507.sh", "qwen2.5-1.5b-instruct-unsup.sh"} <= names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+@pytest.mark.parametrize("config", GRACE_CONFIGS, ids=lambda path: path.name)
 def test_config_has_the_spec_values_and_a_valid_layout(config):
     args = parse_args(config_args(config))
     # Hyperparameters from grace-spec.md.
@@ -71,6 +73,28 @@ def test_config_has_the_spec_values_and_a_valid_layout(config):
     nodes = (1, 2, 4) if args.tensor_model_parallel_size == 2 else (1, 2)
     for node_count in nodes:
         validate_args(args, world_size=8 * node_count)
+
+
+def test_baseline_configs_share_one_set_of_settings():
+    """The paper table's contrastive baselines for Qwen2.5-1.5B: InfoNCE on the supervised data, SimCSE on the
+    unsupervised sentences, both from BASELINE_PAPER_ARGS (paper_defaults.sh) and the GRACE configs' model and data."""
+    assert {path.name for path in BASELINE_CONFIGS} == {"qwen2.5-1.5b-instruct-infonce.sh",
+                                                         "qwen2.5-1.5b-instruct-simcse.sh"}
+    grace = {mode: parse_args(config_args(CONFIG_DIR / name)) for mode, name in
+             (("supervised", "qwen2.5-1.5b-instruct.sh"), ("unsupervised", "qwen2.5-1.5b-instruct-unsup.sh"))}
+    for config in BASELINE_CONFIGS:
+        args = parse_args(config_args(config))
+        algorithm = "infonce" if "infonce" in config.name else "simcse"
+        assert args.algorithm == algorithm
+        assert args.train_mode == ("supervised" if algorithm == "infonce" else "unsupervised")
+        assert (args.global_batch_size, args.train_iters, args.max_prompt_length) == (256, 1000, 1024)
+        assert (args.lr, args.weight_decay, args.clip_grad, args.bf16) == (1e-5, 0.01, 1.0, True)
+        assert args.contrastive_temperature == 0.05
+        assert args.hidden_dropout == (0.1 if algorithm == "simcse" else 0.0)
+        assert (args.hf_model, args.train_data) == (grace[args.train_mode].hf_model, grace[args.train_mode].train_data)
+        assert args.save == args.load and args.save.startswith(f"runs/{algorithm}-")
+        for node_count in (1, 2):
+            validate_args(args, world_size=8 * node_count)
 
 
 def test_config_paths_follow_the_environment(tmp_path):

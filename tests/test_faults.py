@@ -353,6 +353,16 @@ def test_disk_full_during_save_keeps_previous_checkpoint(worker):
     (1, ["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be positive"),
     (1, ["--rollout-sync-interval", "0"], "--rollout-sync-interval must be positive"),
     (1, ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (1, ["--hidden-dropout", "0.1"], "--hidden-dropout 0.1 with --algorithm grace"),
+    (1, ["--hidden-dropout", "1.5", "--algorithm", "simcse", "--train-mode", "unsupervised"],
+     "--hidden-dropout 1.5 must be in [0, 1)"),
+    (1, ["--algorithm", "infonce", "--train-mode", "unsupervised"],
+     "--algorithm infonce trains on supervised data: give --train-mode supervised"),
+    (1, ["--algorithm", "simcse"], "--algorithm simcse trains on unsupervised data"),
+    (2, ["--algorithm", "simcse", "--train-mode", "unsupervised", "--tensor-model-parallel-size", "2",
+         "--sequence-parallel"], "--hidden-dropout with --sequence-parallel"),
+    (1, ["--algorithm", "infonce", "--contrastive-temperature", "0"], "--contrastive-temperature must be positive"),
+    (1, ["--algorithm", "infonce", "--kl-coef", "0.1"], "--kl-coef / --entropy-coef are GRPO terms"),
 ])
 def test_config_errors_name_the_flag_before_any_heavy_work(workspace, monkeypatch, capsys, world_size, flags,
                                                            message):

@@ -98,3 +98,32 @@ def test_per_rollout_reward_variant_reaches_the_advantage(train_results):
     shares = {term: per_rollout[f"advantage_share_{term}"] for term in ("pos", "neg", "clust", "cross", "length")}
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
     assert abs(shares["neg"]) > 1e-4 and abs(shares["cross"]) > 1e-4
+
+
+def test_infonce_learns_the_same_at_every_layout(train_results):
+    first, second = train_results["infonce_tp1pp1"]
+    assert first["loss"] > 0 and first["grad_norm"] > 0 and 0 <= first["top1_accuracy"] <= 1
+    assert -1 <= first["negative_cos_mean"] < first["reward_pos_mean"] <= 1  # a tiny random model still ranks
+    assert first["response_length_mean"] == 0.0 and first["truncation_rate"] == 0.0  # no rationale
+    assert second["loss"] != first["loss"]  # the update moved the embeddings
+    # DP4 gathers the in-batch candidates from four ranks, DP1 holds them all: same loss, same gradients.
+    for ours, reference in zip(train_results["infonce_tp2pp2"], train_results["infonce_tp1pp1"]):
+        assert_metrics_close(ours, reference, rel=1e-4, across_layouts=True)
+
+
+def test_infonce_resume_is_exact(train_results):
+    uninterrupted = train_results["infonce_uninterrupted"]
+    assert uninterrupted[:2] == train_results["infonce_tp2pp2"]
+    resumed, = train_results["infonce_resumed"]
+    assert_metrics_close(resumed, uninterrupted[2], rel=0)
+
+
+def test_simcse_dropout_views_and_layouts(train_results):
+    reference = train_results["simcse_tp1pp4"]
+    first = reference[0]
+    # Two dropout views of each text: similar but not identical, and the loss trains on telling texts apart.
+    assert 0.5 < first["reward_pos_mean"] < 1 - 1e-4
+    assert first["loss"] > 0 and first["grad_norm"] > 0
+    # The masks are seeded per (micro-batch, global layer number): the pipeline layout does not change them.
+    for ours, expected in zip(train_results["simcse_tp2pp2"], reference):
+        assert_metrics_close(ours, expected, rel=1e-4, across_layouts=True)

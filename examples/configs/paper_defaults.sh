@@ -56,20 +56,22 @@ GRACE_PAPER_ARGS=(
     --sample-interval 50
 )
 
-# GRACE_ARGS of a paper config: the paper's flags, the training mode, model folder and data, the config's layout
-# flags (the arguments after the first four) and the run-directory flags. The save folder is also --load, so
-# resubmitting the same job resumes from its latest checkpoint; WANDB_PROJECT, when set, adds wandb logging.
-#   grace_paper_config MODE DEFAULT_HF_MODEL DEFAULT_TRAIN_DATA DEFAULT_SAVE_DIR LAYOUT_FLAGS...
+# GRACE_ARGS of a paper config: the shared flags (the array named first: GRACE_PAPER_ARGS or BASELINE_PAPER_ARGS),
+# the training mode, model folder and data, the config's own flags (the arguments after the first five: layout,
+# algorithm) and the run-directory flags. The save folder is also --load, so resubmitting the same job resumes from
+# its latest checkpoint; WANDB_PROJECT, when set, adds wandb logging.
+#   paper_config SHARED_ARRAY MODE DEFAULT_HF_MODEL DEFAULT_TRAIN_DATA DEFAULT_SAVE_DIR CONFIG_FLAGS...
 # Environment overrides: HF_MODEL, TRAIN_DATA, SAVE_DIR, WANDB_PROJECT.
-grace_paper_config() {
-    local mode=$1
-    GRACE_HF_MODEL=${HF_MODEL:-$2}
-    local train_data=${TRAIN_DATA:-$3}
-    GRACE_SAVE_DIR=${SAVE_DIR:-$4}
-    shift 4
+paper_config() {
+    local -n shared=$1
+    local mode=$2
+    GRACE_HF_MODEL=${HF_MODEL:-$3}
+    local train_data=${TRAIN_DATA:-$4}
+    GRACE_SAVE_DIR=${SAVE_DIR:-$5}
+    shift 5
     # shellcheck disable=SC2034  # read by the launcher that sources the config
     GRACE_ARGS=(
-        "${GRACE_PAPER_ARGS[@]}"
+        "${shared[@]}"
         --hf-model "$GRACE_HF_MODEL"
         --train-data "$train_data"
         --train-mode "$mode"
@@ -82,3 +84,31 @@ grace_paper_config() {
         GRACE_ARGS+=(--wandb-project "$WANDB_PROJECT")
     fi
 }
+
+# GRACE configs: grace_paper_config MODE DEFAULT_HF_MODEL DEFAULT_TRAIN_DATA DEFAULT_SAVE_DIR LAYOUT_FLAGS...
+grace_paper_config() {
+    paper_config GRACE_PAPER_ARGS "$@"
+}
+
+# The contrastive baselines of the paper's table (InfoNCE supervised, SimCSE unsupervised), trained in this system on
+# the same model, data, prompt and pooling, without rationales (megatron_grace/contrastive.py). The spec gives no
+# hyperparameters for them; these are the usual full fine-tuning settings of LLM contrastive embedders, stated once:
+#   batch         256 texts per step (in-batch negatives: every other text of the global batch), 1000 steps
+#   optimizer     AdamW, lr 1e-5 constant, weight decay 0.01, grad clip 1.0, bf16
+#   loss          InfoNCE with cosine similarity, temperature 0.05 (SimCSE's); SimCSE: hidden dropout 0.1
+#   lengths       max prompt 1024 tokens, as GRACE
+# shellcheck disable=SC2034  # read by the config that sources this file
+BASELINE_PAPER_ARGS=(
+    --global-batch-size 256
+    --train-iters 1000
+    --max-prompt-length 1024
+    --lr 1e-5
+    --weight-decay 0.01
+    --clip-grad 1.0
+    --bf16
+    --contrastive-temperature 0.05
+    --seed 42
+    --log-interval 1
+    --save-interval 100
+)
+

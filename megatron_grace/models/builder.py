@@ -34,7 +34,10 @@ def transformer_engine_available() -> bool:
 
 
 def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtype = torch.float32,
-                            sequence_parallel: bool = False, recompute: bool = False) -> TransformerConfig:
+                            sequence_parallel: bool = False, recompute: bool = False,
+                            hidden_dropout: float = 0.0) -> TransformerConfig:
+    """``hidden_dropout`` (embedding output and after attention and MLP) is 0 for the GRPO policy, whose ratio
+    needs the rollout's and the update's log-probs from the same function; SimCSE turns it on."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     arch.check_tensor_parallel(tp)
@@ -57,7 +60,7 @@ def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtyp
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         qk_layernorm=arch.qk_layernorm,
-        hidden_dropout=0.0,
+        hidden_dropout=hidden_dropout,
         attention_dropout=0.0,
         # SwiGLU through Megatron's jit-fused kernel (pure torch, faster than silu on the strided half of fc1 on CPU
         # too: docs/performance.md). The other fusions need apex/TE kernels; their unfused paths are numerically the

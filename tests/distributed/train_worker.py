@@ -4,7 +4,8 @@
 2. exact resume: 3 steps at TP2PP2 with a checkpoint after step 2, then a fresh trainer resumed from it at TP2PP2
    (identical step 3) and at TP1PP1 (step 3 equal to float tolerance);
 3. unsupervised mode at TP2 with sequence parallelism (pooling from sequence shards);
-4. KL (reference model) and entropy terms at TP2PP2.
+4. KL (reference model) and entropy terms at TP2PP2; the per-rollout reward variant;
+5. the contrastive baselines: InfoNCE at TP1PP1 (DP4) and TP2PP2 (DP1) and its resume, SimCSE at TP1PP4 and TP2PP2.
 The process group starts with the backend a CUDA run uses, NCCL played by gloo bound to the same device types
 (:func:`~megatron_grace.testing.cuda_backend_on_cpu`): a collective on a CPU tensor anywhere in a step or a save (the
 NaN/Inf guard's flags, the checkpoint size estimate, metric objects) fails here as it would under NCCL unless the
@@ -66,6 +67,20 @@ def main() -> None:
                                       "--train-data", unsupervised)
     results["kl_entropy_tp2pp2"] = run(2, 2, "--train-iters", "1", "--kl-coef", "0.1", "--entropy-coef", "0.01")
     results["per_rollout_tp2pp2"] = run(2, 2, "--train-iters", "1", "--reward-variant", "per-rollout")
+    # The contrastive baselines: InfoNCE across layouts (in-batch negatives from 4 data-parallel ranks vs 1) and its
+    # exact resume; SimCSE's replayed dropout masks at two pipeline layouts of the same micro-batches (DP1 both).
+    infonce = ("--algorithm", "infonce")
+    results["infonce_tp1pp1"] = run(1, 1, "--train-iters", "2", *infonce)
+    results["infonce_tp2pp2"] = run(2, 2, "--train-iters", "2", *infonce)
+    results["infonce_uninterrupted"] = run(2, 2, "--train-iters", "3", *infonce, "--save", str(out / "infonce"),
+                                           "--save-interval", "2")
+    if dist.get_rank() == 0:
+        (out / "infonce" / "latest_checkpointed_iteration.txt").write_text("2")
+    dist.barrier()
+    results["infonce_resumed"] = run(2, 2, "--train-iters", "3", *infonce, "--load", str(out / "infonce"))
+    simcse = ("--algorithm", "simcse", "--train-mode", "unsupervised", "--train-data", unsupervised)
+    results["simcse_tp1pp4"] = run(1, 4, "--train-iters", "2", *simcse)
+    results["simcse_tp2pp2"] = run(2, 2, "--train-iters", "2", *simcse)
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
