@@ -344,9 +344,13 @@ def limit_task(task, limit: int, seed: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------------------------- #
 
 def run_label(model_meta: dict) -> str:
-    """Short name of one evaluated setting: model folder, revision, and Base or rationale length."""
+    """Short name of one evaluated setting: model folder, revision, and Base or rationale length, temperature and
+    sampling seed (runs of several seeds stay apart, for a mean and spread over seeds)."""
     experiment = model_meta.get("experiment_kwargs") or {}
-    mode = f"rationale≤{experiment.get('max_new_tokens')}" if experiment.get("rationale") else "base"
+    mode = "base"
+    if experiment.get("rationale"):
+        mode = (f"rationale≤{experiment.get('max_new_tokens')}, T{experiment.get('temperature')}, "
+                f"seed {experiment.get('seed')}")
     if experiment.get("pooling", "mean") != "mean" or experiment.get("layer", -1) != -1:
         mode += f", {experiment.get('pooling')} L{experiment.get('layer')}"
     return f"{model_meta['name'].split('/')[-1]}@{model_meta['revision'][:7]} ({mode})"

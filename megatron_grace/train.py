@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 from .arguments import parse_args, validate_args
 from .contrastive import NO_RATIONALE, ContrastiveRows, contrastive_backward
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
-from .data.dataset import load_grace_dataset
+from .data.dataset import DataError, load_grace_dataset
 from .data.sampler import GroupSampler
 from .experience import SequenceBatch, logprob_mismatch_sum, one_pass_forward
 from .grpo import ClipSettings, group_advantages, low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
@@ -107,8 +107,8 @@ class GraceTrainer:
                                           max_prompt_length=args.max_prompt_length, strict=args.strict_data,
                                           verbose=dist.get_rank() == 0)
         if args.algorithm == "infonce" and self.dataset.num_negatives == 0:
-            raise ValueError(f"--algorithm infonce needs hard negatives: the rows of "
-                             f"{args.train_data or 'the bundled sample'} have no 'negative' field")
+            raise DataError(f"--algorithm infonce needs hard negatives: the rows of {args.train_data} have no "
+                            f"'negative' field")
         if (args.algorithm == "grace" and args.train_mode == "supervised" and args.reward_variant == "code"
                 and self.dataset.num_negatives > 1):
             raise ValueError(f"--reward-variant code scores one negative per query, and the training data "

@@ -64,18 +64,20 @@ def test_mteb_run_of_a_tiny_model_writes_results_and_summary(tiny_llama_dir, sui
               "--output", str(output)]
     assert eval_mteb.main(common + ["--no-rationale"]) == 0
     assert eval_mteb.main(common + ["--rationale", "--max-new-tokens", "3"]) == 0
+    assert eval_mteb.main(common + ["--rationale", "--max-new-tokens", "3", "--seed", "1"]) == 0
 
     result_files = [p for p in output.glob("results/**/*.json") if p.name != "model_meta.json"]
     assert sorted({p.stem for p in result_files}) == sorted(SMALL_TASKS)
-    assert len(result_files) == 2 * len(SMALL_TASKS)  # Base and rationale are kept apart
+    assert len(result_files) == 3 * len(SMALL_TASKS)  # Base and each rationale seed are kept apart
     summary = json.loads((output / "summary.json").read_text())
-    assert len(summary) == 2 and any("(base)" in label for label in summary)
+    assert len(summary) == 3 and any("(base)" in label for label in summary)
     for path in result_files:
         result = json.loads(path.read_text())
         main_score = result["scores"]["test"][0]["main_score"]
         assert np.isfinite(main_score)
         experiment = json.loads((path.parent / "model_meta.json").read_text())["experiment_kwargs"]
-        label = next(l for l in summary if ("(base)" in l) != experiment["rationale"])
+        mode = f"seed {experiment['seed']})" if experiment["rationale"] else "(base)"
+        label = next(l for l in summary if l.endswith(mode))
         assert summary[label]["tasks"][result["task_name"]]["score"] == pytest.approx(100 * main_score)
     for run in summary.values():  # the two averages, recomputed here
         scores = {name: task["score"] for name, task in run["tasks"].items()}

@@ -231,6 +231,8 @@ def test_strict_and_empty_data_fail_at_the_entry_point(worker, workspace):
     assert worker["strict_data"].startswith(f"DataError: {data}:4: invalid JSON (")
     assert worker["strict_data"].endswith("[strict mode]")
     assert "DataError" in worker["empty_file"] and "empty.jsonl is empty" in worker["empty_file"]
+    assert worker["infonce_without_negatives"].startswith("DataError: --algorithm infonce needs hard negatives")
+    assert "no_negatives.jsonl have no 'negative' field" in worker["infonce_without_negatives"]
 
 
 # ------------------------------------------------------------------------------------------ 2, 3, 10: checkpoints

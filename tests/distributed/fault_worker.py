@@ -135,11 +135,14 @@ def setup_error_checks(out: Path) -> dict:
     if dist.get_rank() == 0:
         blocker.write_text("not a directory")
         (out / "empty.jsonl").write_text("")
+        (out / "no_negatives.jsonl").write_text('{"query": "a cat", "positive": "a small feline"}\n' * 8)
     dist.barrier()
     return {
         "unwritable_save": error_of(lambda: trainer("--save", str(blocker / "run"))),
         "strict_data": error_of(lambda: trainer("--strict-data")),
         "empty_file": error_of(lambda: trainer("--train-data", str(out / "empty.jsonl"))),
+        "infonce_without_negatives": error_of(lambda: trainer("--algorithm", "infonce", "--train-data",
+                                                              str(out / "no_negatives.jsonl"))),
     }
 
 
