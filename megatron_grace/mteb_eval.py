@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 from collections import defaultdict
 from pathlib import Path
@@ -398,6 +399,24 @@ def summarise(runs: dict[str, dict[str, tuple[str, float]]]) -> dict:
     return summary
 
 
+def over_seeds(summary: dict) -> dict:
+    """Runs that differ only in their sampling seed, grouped: per group the seeds' count and the mean and standard
+    deviation (population, over seeds) of every task score and of the two averages. Groups of one seed are left out."""
+    groups = defaultdict(list)
+    for label, run in summary.items():
+        groups[re.sub(r", seed \d+\)$", ")", label)].append(run)
+    spread = {}
+    for label, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        tasks = sorted(set.intersection(*(set(run["tasks"]) for run in runs)))
+        values = {name: [run["tasks"][name]["score"] for run in runs] for name in tasks}
+        for key in ("dataset_weighted_mean", "category_mean"):
+            values[key] = [run[key] for run in runs]
+        spread[label] = {"seeds": len(runs), **{key: (float(np.mean(v)), float(np.std(v))) for key, v in values.items()}}
+    return spread
+
+
 def summary_markdown(summary: dict, header_lines: list[str] = ()) -> str:
     labels = list(summary)
     task_types = {name: t["type"] for s in summary.values() for name, t in s["tasks"].items()}
@@ -427,6 +446,14 @@ def summary_markdown(summary: dict, header_lines: list[str] = ()) -> str:
 
     lines.append(row(["**dataset-weighted mean** (every task once)"] + [mean(l, "dataset_weighted_mean") for l in labels]))
     lines.append(row(["**category mean** (every category once)"] + [mean(l, "category_mean") for l in labels]))
+    spread = over_seeds(summary)
+    if spread:
+        keys = ordered + ["dataset_weighted_mean", "category_mean"]
+        lines += ["", "### Over sampling seeds (mean ± std of the seeds' scores)", "",
+                  row(["", "seeds", *keys]), row(["---"] + ["---:"] * (len(keys) + 1))]
+        for label, values in spread.items():
+            cells = [f"{values[k][0]:.2f} ± {values[k][1]:.2f}" if k in values else "–" for k in keys]
+            lines.append(row([label, str(values["seeds"]), *cells]))
     return "\n".join(lines) + "\n"
 
 

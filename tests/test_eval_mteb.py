@@ -13,7 +13,7 @@ import pytest
 from megatron_grace import local_suite
 from megatron_grace.cli import eval_mteb
 from megatron_grace.encoder import model_fingerprint
-from megatron_grace.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task,
+from megatron_grace.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task, over_seeds,
                                       local_tasks)
 
 
@@ -86,7 +86,14 @@ def test_mteb_run_of_a_tiny_model_writes_results_and_summary(tiny_llama_dir, sui
         for name, task in run["tasks"].items():
             by_type.setdefault(task["type"], []).append(task["score"])
         assert run["category_mean"] == pytest.approx(np.mean([np.mean(v) for v in by_type.values()]))
+    # The two rationale seeds: their mean and spread, next to each seed's own column.
+    seeds = [run for label, run in summary.items() if "(base)" not in label]
+    spread, = over_seeds(summary).values()
+    means = [run["dataset_weighted_mean"] for run in seeds]
+    assert spread["seeds"] == 2
+    assert spread["dataset_weighted_mean"] == pytest.approx((np.mean(means), np.std(means)))
     markdown = (output / "summary.md").read_text()
+    assert "Over sampling seeds" in markdown
     assert "dataset-weighted mean" in markdown and "category mean" in markdown
     for name in SMALL_TASKS:
         assert name in markdown
