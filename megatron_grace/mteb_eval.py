@@ -413,7 +413,8 @@ def over_seeds(summary: dict) -> dict:
         values = {name: [run["tasks"][name]["score"] for run in runs] for name in tasks}
         for key in ("dataset_weighted_mean", "category_mean"):
             values[key] = [run[key] for run in runs]
-        spread[label] = {"seeds": len(runs), **{key: (float(np.mean(v)), float(np.std(v))) for key, v in values.items()}}
+        spread[label] = {"seeds": len(runs),
+                         **{key: (float(np.mean(v)), float(np.std(v))) for key, v in values.items()}}
     return spread
 
 
