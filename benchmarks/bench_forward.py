@@ -35,12 +35,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_megatron_model(model_dir: Path, dtype: torch.dtype):
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-    from megatron_grace.models.hf_io import load_hf_model
-    from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+    from megatron_grace.models.hf_io import load_hf_model, load_hf_weights
 
     arch, hf_state = load_hf_model(model_dir)
     model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=dtype))
-    load_global_state_into_model(model, {name: t.to(dtype) for name, t in hf_to_mcore(hf_state, arch).items()})
+    load_hf_weights(model, hf_state, arch)
     return model.eval()
 
 

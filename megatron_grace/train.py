@@ -41,8 +41,7 @@ from .metrics import MetricsLogger, reduce_metrics
 from .models import architecture_from_hf_dir
 from .models.builder import build_gpt_model, make_transformer_config
 from .models.config import ModelArchitecture
-from .models.hf_io import load_hf_state_dict
-from .models.state_dict import hf_to_mcore, load_global_state_into_model
+from .models.hf_io import load_hf_weights
 from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
 from .platform import ParallelLayout, initialize_distributed
 from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, check_finite_weights,
@@ -94,7 +93,7 @@ class GraceTrainer:
             model = self._build_model()
         if self.checkpoint is None:
             with timed_phase(f"loaded the weights of {self.hf_dir}", printer=log0):
-                self._load_hf_weights(model)
+                load_hf_weights(model, self.hf_dir, self.arch)
         self.model, self.optimizer = wrap_for_training(model, OptimizerSettings(
             lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             clip_grad=args.clip_grad))
@@ -158,13 +157,9 @@ class GraceTrainer:
                                          hidden_dropout=self.args.hidden_dropout)
         return build_gpt_model(self.arch, config)
 
-    def _load_hf_weights(self, model) -> None:
-        state = hf_to_mcore(load_hf_state_dict(self.hf_dir), self.arch)
-        load_global_state_into_model(model, {name: t.to(self.params_dtype) for name, t in state.items()})
-
     def _reference_model(self):
         reference = self._build_model()
-        self._load_hf_weights(reference)
+        load_hf_weights(reference, self.hf_dir, self.arch)
         reference.eval()
         for param in reference.parameters():
             param.requires_grad_(False)

@@ -17,8 +17,7 @@ from megatron_grace.data.prompts import PromptBuilder
 from megatron_grace.experience import one_pass_forward, pool_hidden
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-from megatron_grace.models.hf_io import load_hf_state_dict
-from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.optim import OptimizerSettings, wrap_for_training
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.schedule import run_microbatches
@@ -55,7 +54,7 @@ def tiny(tmp_path_factory, smollm2_tokenizer_dir):
 def _megatron_model(hf_dir, hidden_dropout=0.0):
     arch = architecture_from_hf_dir(hf_dir)
     model = build_gpt_model(arch, make_transformer_config(arch, hidden_dropout=hidden_dropout))
-    load_global_state_into_model(model, hf_to_mcore(load_hf_state_dict(hf_dir), arch))
+    load_hf_weights(model, hf_dir, arch)
     ddp_model, _ = wrap_for_training(model, OptimizerSettings())
     return arch, ddp_model
 

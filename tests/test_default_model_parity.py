@@ -18,8 +18,7 @@ def test_megatron_logits_match_hf_for_the_default_model(record_property):
 
     from megatron_grace.default_model import default_model_dir
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-    from megatron_grace.models.hf_io import load_hf_model
-    from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+    from megatron_grace.models.hf_io import load_hf_model, load_hf_weights
     from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 
     folder = default_model_dir()
@@ -29,7 +28,7 @@ def test_megatron_logits_match_hf_for_the_default_model(record_property):
     try:
         arch, hf_state = load_hf_model(folder)
         model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=torch.float32)).eval()
-        load_global_state_into_model(model, {name: t.float() for name, t in hf_to_mcore(hf_state, arch).items()})
+        load_hf_weights(model, hf_state, arch)
         max_abs_diff = 0.0
         for prompt in PROMPTS:
             tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,

@@ -8,8 +8,7 @@ from megatron_grace.encoder import GraceEncoder
 from megatron_grace.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-from megatron_grace.models.hf_io import load_hf_state_dict
-from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.rollout import Rollout
 from megatron_grace.testing import save_tiny_hf_model
@@ -30,7 +29,7 @@ def test_encoder_pooling_equals_training_pooling(tmp_path, smollm2_tokenizer_dir
     try:
         arch = architecture_from_hf_dir(hf_dir)
         model = build_gpt_model(arch, make_transformer_config(arch))
-        load_global_state_into_model(model, hf_to_mcore(load_hf_state_dict(hf_dir), arch))
+        load_hf_weights(model, hf_dir, arch)
         batch = SequenceBatch.build(prompts, rollouts, pad_token_id=encoder.pad_token_id)
         pooled = one_pass_forward(model, batch, micro_batch_size=2).embeddings
     finally:

@@ -64,15 +64,14 @@ def test_model_log_probs_and_logits_match_hf(world_of_one, tmp_path, smollm2_tok
 
     from megatron_grace.models import architecture_from_hf_dir
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-    from megatron_grace.models.hf_io import load_hf_state_dict
-    from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
+    from megatron_grace.models.hf_io import load_hf_weights
     from megatron_grace.testing import save_tiny_hf_model
 
     hf_dir = save_tiny_hf_model("qwen3", tmp_path / "tiny", smollm2_tokenizer_dir, vocab_size=vocab_size)
     arch = architecture_from_hf_dir(hf_dir)
     assert (arch.padded_vocab_size > arch.vocab_size) == (vocab_size == 49229)
     model = build_gpt_model(arch, make_transformer_config(arch))
-    load_global_state_into_model(model, hf_to_mcore(load_hf_state_dict(hf_dir), arch))
+    load_hf_weights(model, hf_dir, arch)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
     tokens = torch.randint(0, vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))

@@ -23,8 +23,8 @@ from megatron_grace.data.prompts import Prompt
 from megatron_grace.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
+from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.models.layers import SDPAttention
-from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
 from megatron_grace import rollout as rollout_module
@@ -52,7 +52,7 @@ def model():
     hf_model = tiny_hf_model("qwen3", eos_token_id=EOS, eos_logit_scale=50.0, vocab_size=512)
     arch = architecture_from_hf_config({**hf_model.config.to_dict(), "architectures": ["Qwen3ForCausalLM"]})
     stage = build_gpt_model(arch, make_transformer_config(arch))
-    load_global_state_into_model(stage, hf_to_mcore(hf_model.state_dict(), arch))
+    load_hf_weights(stage, hf_model.state_dict(), arch)
     yield stage
     destroy_distributed()
 

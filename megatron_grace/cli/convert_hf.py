@@ -40,15 +40,14 @@ def _dtype(name: str):
 def hf_to_mcore(args) -> None:
     from megatron_grace.checkpointing import save_checkpoint
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-    from megatron_grace.models.hf_io import load_hf_model
-    from megatron_grace.models.state_dict import hf_to_mcore as adapt, load_global_state_into_model
+    from megatron_grace.models.hf_io import load_hf_model, load_hf_weights
 
     hf_path = Path(args.hf_path)
     arch, hf_state = load_hf_model(hf_path)
     source_dtype = next(iter(hf_state.values())).dtype
     _prepare_output(Path(args.save), args.overwrite)
     model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=source_dtype))
-    load_global_state_into_model(model, adapt(hf_state, arch))
+    load_hf_weights(model, hf_state, arch)
     out = save_checkpoint(args.save, 0, model, arch=arch, tokenizer_dir=hf_path,
                           run_state={"source": str(hf_path.resolve())})
     print(f"wrote {out} ({arch.hf_architecture}, {arch.num_layers} layers, {source_dtype})")

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from . import architecture_from_hf_dir, hf_config_from_architecture
 from .config import ModelArchitecture
+from .state_dict import hf_to_mcore, load_global_state_into_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
@@ -37,6 +38,15 @@ def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_hf_model(hf_dir: str | Path) -> tuple[ModelArchitecture, dict[str, torch.Tensor]]:
     return architecture_from_hf_dir(hf_dir), load_hf_state_dict(hf_dir)
+
+
+def load_hf_weights(model: torch.nn.Module, source: str | Path | dict[str, torch.Tensor],
+                    arch: ModelArchitecture) -> None:
+    """Load Hugging Face weights (a folder, or a state dict with HF names) into this rank's stage of a Megatron model
+    at any TP/PP layout and either layer spec: HF → Megatron names, fused QKV and gate/up, this rank's shards, cast to
+    the parameters' dtype. Training, conversion, benchmarks and tests all load HF weights through here."""
+    state = source if isinstance(source, dict) else load_hf_state_dict(source)
+    load_global_state_into_model(model, hf_to_mcore(state, arch))
 
 
 def save_hf_model(save_dir: str | Path, arch: ModelArchitecture, state: dict[str, torch.Tensor], *,

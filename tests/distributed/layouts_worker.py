@@ -30,8 +30,8 @@ from megatron_grace.experience import SequenceBatch, one_pass_forward
 from megatron_grace.rollout import Rollout
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-from megatron_grace.models.hf_io import save_hf_model
-from megatron_grace.models.state_dict import hf_to_mcore, load_global_state_into_model, mcore_to_hf
+from megatron_grace.models.hf_io import load_hf_weights, save_hf_model
+from megatron_grace.models.state_dict import mcore_to_hf
 from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.schedule import run_microbatches
@@ -56,8 +56,7 @@ def build_loaded(hf_model, dtype=torch.float32, sequence_parallel=False):
     arch = arch_of(hf_model)
     model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=dtype,
                                                           sequence_parallel=sequence_parallel))
-    state = {k: v.to(dtype) for k, v in hf_to_mcore(hf_model.state_dict(), arch).items()}
-    load_global_state_into_model(model, state)
+    load_hf_weights(model, hf_model.state_dict(), arch)
     return model, arch
 
 
