@@ -1,6 +1,6 @@
 """GRACE rewards from pooled embeddings: one fused cosine-similarity pass, with a Triton kernel and its torch reference.
 
-Notation (../shared/grace-spec.md): G groups of K rollouts; m_{g,k} = main[g*K + k]; q_g = query[g] (the anchor in
+Notation (docs/algorithm.md): G groups of K rollouts; m_{g,k} = main[g*K + k]; q_g = query[g] (the anchor in
 unsupervised mode); n_{g,m} = negative[g, m]; cos = cosine similarity; tau = temperature; l1 = clustering_weight;
 l2 = cross_group_weight. Each returned term is per rollout (float32 [G*K]) and defined as in the spec:
 

@@ -5,7 +5,7 @@ This is what a user does with a trained (or an untrained, "Base") model after tr
     encoder = GraceEncoder.from_pretrained("exports/step_1000")
     vectors = encoder.encode(texts, batch_size=16, max_new_tokens=256, seed=0)   # numpy [N, H]
 
-Protocol (grace-spec.md, "Evaluation"): the text is rendered with the GRACE system prompt by
+Protocol (docs/algorithm.md, "Evaluation protocol"): the text is rendered with the GRACE system prompt by
 :class:`~megatron_grace.data.prompts.PromptBuilder` (cut to ``max_prompt_tokens`` without losing the template), the
 model samples a rationale up to its EOS (the EOS token is kept, as in training), and the embedding pools the last
 decoder layer after the final norm over every token from the user text on (L_sys = ``pool_start`` excludes the system
@@ -36,7 +36,7 @@ from megatron_grace.kernels import masked_mean_pool
 from megatron_grace.utils import hash_file_into
 
 POOLING_MODES = ("mean", "last", "eos")
-MAX_PROMPT_TOKENS = 1024  # grace-spec.md: prompts are cut to 1024 tokens at training and evaluation time
+MAX_PROMPT_TOKENS = 1024  # docs/algorithm.md: prompts are cut to 1024 tokens at training and evaluation time
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 

@@ -1,7 +1,7 @@
 """MTEB 2.x integration: the GRACE encoder as an MTEB encoder, task presets, the offline local tasks, --limit
 subsampling and the summary (markdown table and bar chart) behind ``tools/eval_mteb.py``.
 
-GRACE embeds queries and documents alike: one prompt, no task instructions (grace-spec.md), so ``prompt_type``
+GRACE embeds queries and documents alike: one prompt, no task instructions (docs/algorithm.md), so ``prompt_type``
 ("query" / "document") does not change a text's embedding, and a text that appears as both is embedded once
 (the encoder memoises per text; MTEB's STS evaluator, for one, encodes every pair without de-duplication).
 """

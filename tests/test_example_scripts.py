@@ -57,7 +57,7 @@ def test_all_paper_backbones_have_a_config():
 @pytest.mark.parametrize("config", GRACE_CONFIGS, ids=lambda path: path.name)
 def test_config_has_the_spec_values_and_a_valid_layout(config):
     args = parse_args(config_args(config))
-    # Hyperparameters from grace-spec.md.
+    # Hyperparameters from docs/algorithm.md.
     assert (args.global_batch_size, args.rollout_n, args.ppo_mini_batch_size, args.ppo_epochs) == (64, 8, 16, 1)
     assert (args.max_prompt_length, args.max_response_length) == (1024, 2048)
     assert (args.lr, args.lr_warmup_iters, args.weight_decay, args.clip_grad, args.bf16) == (1e-6, 0, 0.01, 1.0, True)

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # GRACE, supervised, Llama-3.2-3B-Instruct on one or more 8xH100 nodes.
 #
-# Paper settings (see paper_defaults.sh and shared/grace-spec.md): 64 prompts x 8 rollouts, mini-batch 16 prompts,
+# Paper settings (see paper_defaults.sh and docs/algorithm.md): 64 prompts x 8 rollouts, mini-batch 16 prompts,
 # lr 1e-6 constant, wd 0.01, clip-grad 1.0, bf16, prompt 1024 / response 2048, tau 0.1, lambda1 = lambda2 = 0.2,
 # kl 0, entropy 0, clip 0.2/0.2, dual clip 3, T_query 0.5, T_rollout 1.0, 1000 steps. Paper MTEB: 48.49 (base 39.34).
 #

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # GRACE hyperparameters shared by every config in this folder (sourced by them; not a config on its own).
 #
-# Values from the project's GRACE spec, shared/grace-spec.md ("GRACE", arXiv 2510.04506, and its reference verl code):
+# Values from docs/algorithm.md ("GRACE", arXiv 2510.04506, and its reference verl code):
 #   batch         64 prompts x 8 rollouts per step; PPO mini-batch 16 prompts (4 optimizer steps per step); 1 epoch
 #   optimizer     AdamW, lr 1e-6 constant, weight decay 0.01, grad clip 1.0, bf16
 #   lengths       max prompt 1024 tokens, max response 2048 tokens (right truncation; a truncated response gets -1)

@@ -8,7 +8,7 @@ Two formats:
   a row whose count differs from the first valid row's is a bad row. Other keys are ignored.
 * ``unsupervised``: plain text, one text per line; the text is both the main prompt and the query (anchor) prompt.
 
-Streams (see ``grace-spec.md``): main = positive (supervised) or x (unsupervised) is what the policy is trained on;
+Streams (see ``docs/algorithm.md``): main = positive (supervised) or x (unsupervised) is what the policy is trained on;
 query = query or the anchor x; negatives = the hard negatives.
 
 Bad rows (invalid UTF-8, invalid JSON, not an object, missing / empty / non-string fields, blank lines, a differing
