@@ -1,4 +1,4 @@
-"""Run-time guards of a training job, and the fault hooks the fault-injection tests use to trip them.
+"""Run-time guards of a training job.
 
 * :class:`NonFiniteGuard`: NaN/Inf in the rewards, the loss or the gradients skips the optimizer update (every rank
   agrees, the log says why and on which ranks); ``--max-nonfinite-steps`` such steps in a row stop the run.
@@ -8,24 +8,13 @@
   update, save) runs longer than ``--distributed-timeout-minutes``, naming the stage, instead of waiting forever.
 * :func:`check_before_launch`: TP/PP against the model's heads and layers, before the distributed start-up.
 
-Fault hooks (inert unless the variable is set; ``step`` is the 1-based step being run or saved)::
-
-    GRACE_FAULT_KILL=<stage>:<step>      the rank SIGKILLs itself on entering <stage> (save: after its shards are
-                                         written, before the checkpoint is complete)
-    GRACE_FAULT_STALL=<stage>:<step>     the rank sleeps forever at the same point
-    GRACE_FAULT_NONFINITE=<what>:<step>[,<what>:<step>...]
-                                         reward -> NaN rewards, loss -> +Inf loss (gradients stay finite),
-                                         grad -> NaN in one gradient
-    GRACE_FAULT_RANK=<rank>              the rank the three above act on (default: the last rank)
-    GRACE_FAULT_ENOSPC=<step>            saving that step raises "No space left on device" on every rank
+The fault-injection tests trip these guards through :mod:`megatron_grace.faults`.
 """
 from __future__ import annotations
 
-import errno
 import faulthandler
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -33,6 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from . import faults
+from .utils import global_rank
 
 STAGES = ("rollout", "forward", "reward", "update", "save")
 NONFINITE_SOURCES = ("reward", "loss", "grad")
@@ -47,51 +39,6 @@ class NonFiniteError(RuntimeError):
 
 class SaveLocationError(RuntimeError):
     pass
-
-
-# ---------------------------------------------------------------------------------------------------- fault hooks
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _is_fault_rank() -> bool:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return _rank() == int(os.environ.get("GRACE_FAULT_RANK", world - 1))
-
-
-def _fault_targets(variable: str) -> set[tuple[str, int]]:
-    """``{(what, step)}`` from ``what:step[,what:step...]``."""
-    targets = set()
-    for item in filter(None, os.environ.get(variable, "").split(",")):
-        what, _, step = item.partition(":")
-        targets.add((what.strip(), int(step)))
-    return targets
-
-
-def fault_point(stage: str, step: int) -> None:
-    """Kill or stall this rank here if GRACE_FAULT_KILL / GRACE_FAULT_STALL name ``stage`` and ``step``."""
-    if not _is_fault_rank():
-        return
-    if (stage, step) in _fault_targets("GRACE_FAULT_KILL"):
-        print(f"[fault] rank {_rank()}: SIGKILL in stage '{stage}' of step {step}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if (stage, step) in _fault_targets("GRACE_FAULT_STALL"):
-        print(f"[fault] rank {_rank()}: stalling in stage '{stage}' of step {step}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
-
-
-def save_fault_point(step: int) -> None:
-    """The point inside a checkpoint save (shards written, checkpoint not yet complete) where save faults strike."""
-    fault_point("save", step)
-    if os.environ.get("GRACE_FAULT_ENOSPC") == str(step):
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by GRACE_FAULT_ENOSPC={step})")
-
-
-def inject_nonfinite(what: str, step: int, tensor: torch.Tensor) -> None:
-    """Add NaN (reward, grad) or +Inf (loss) to ``tensor`` in place if GRACE_FAULT_NONFINITE names it."""
-    if (what, step) in _fault_targets("GRACE_FAULT_NONFINITE") and _is_fault_rank():
-        tensor.add_(float("inf") if what == "loss" else float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------------- NaN / Inf
@@ -171,7 +118,7 @@ def check_save_location(save_dir: str | Path, required_bytes: int) -> None:
     """Before training: ``--save`` can be created and written to, and has room for a checkpoint (with a margin).
     Every rank checks (each writes its own probe file), so all fail together."""
     save_dir = Path(save_dir)
-    probe = save_dir / f".write_probe_rank{_rank()}"
+    probe = save_dir / f".write_probe_rank{global_rank()}"
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as handle:
@@ -212,7 +159,7 @@ class StallWatchdog:
         (see :func:`save_fault_point`), so that a kill there leaves a half-written checkpoint."""
         self._current = (stage, step, time.monotonic())
         if stage != "save":
-            fault_point(stage, step)
+            faults.point(stage, step)
 
     def idle(self) -> None:
         self._current = None
@@ -227,8 +174,8 @@ class StallWatchdog:
             stage, step, since = current
             elapsed = time.monotonic() - since
             if elapsed > self.timeout_s * self.DEADLINE_FRACTION:
-                print(f"ERROR: rank {_rank()}: stage '{stage}' of step {step} has not finished after {elapsed:.1f} s "
-                      f"(--distributed-timeout-minutes {self.timeout_s / 60:g}): this rank or one it waits for is "
+                print(f"ERROR: rank {global_rank()}: stage '{stage}' of step {step} has not finished after "
+                      f"{elapsed:.1f} s (--distributed-timeout-minutes {self.timeout_s / 60:g}): this rank or one it waits for is "
                       f"stalled; ending the job. Stacks:", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()

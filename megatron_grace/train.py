@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from . import faults
 from .arguments import parse_args, validate_args
 from .contrastive import NO_RATIONALE, ContrastiveRows, contrastive_backward
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
@@ -45,7 +46,7 @@ from .models.hf_io import load_hf_weights
 from .optim import OptimizerSettings, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
 from .platform import ParallelLayout, initialize_distributed
 from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, check_finite_weights,
-                          check_save_location, checkpoint_size_estimate, inject_nonfinite)
+                          check_save_location, checkpoint_size_estimate)
 from .reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import StageOutput, run_microbatches
@@ -227,7 +228,7 @@ class GraceTrainer:
                 negatives = embeddings[main_rows + groups:].view(num_negatives, groups, -1).transpose(0, 1)
             rewards = compute_rewards(embeddings[:main_rows], embeddings[main_rows: main_rows + groups], negatives,
                                       truncated, n, self.reward_settings)
-            inject_nonfinite("reward", step, rewards["total"])
+            faults.nonfinite("reward", step, rewards["total"])
             advantages = group_advantages(rewards["total"], n, norm_by_std=args.norm_adv_by_std)
         timings["reward"] = time.perf_counter() - start
         # The first group's rationales, for samples.jsonl and the run report (read by _log_samples).
@@ -298,7 +299,7 @@ class GraceTrainer:
         """The optimizer step after a forward/backward schedule, unless a loss or a gradient is NaN/Inf (checked
         before optimizer.step(), which clips with the grad norm and applies the update in one call). Returns
         (applied, grad norm; NaN when skipped)."""
-        inject_nonfinite("grad", step, next(self.model.parameters()).main_grad)
+        faults.nonfinite("grad", step, next(self.model.parameters()).main_grad)
         if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
                 and self.nonfinite.check_gradients(step, self.model)):
             return False, float("nan")
@@ -351,7 +352,7 @@ class GraceTrainer:
         losses, clipped, dual_clipped = ppo_clipped_token_losses(log_probs, micro["old_log_probs"], advantages,
                                                                  self.clip)
         policy_loss_sum = (losses * mask).sum()
-        inject_nonfinite("loss", self.iteration + 1, policy_loss_sum)
+        faults.nonfinite("loss", self.iteration + 1, policy_loss_sum)
         loss = policy_loss_sum
         metrics = {"policy_loss_sum": policy_loss_sum.detach(), "clipped": (clipped.float() * mask).sum(),
                    "dual_clipped": (dual_clipped.float() * mask).sum()}

@@ -26,6 +26,13 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def global_rank() -> int:
+    """This process's rank in the default process group (0 before it starts)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (for a rendezvous or a child world of one)."""
     with socket.socket() as sock:
