@@ -12,7 +12,9 @@ decoder layer after the final norm over every token from the user text on (L_sys
 prompt). ``rationale=False`` is the paper's Base: the templated prompt alone, pooled the same way.
 
 Determinism: each text samples with its own ``torch.Generator`` seeded from (seed, text), so a text's rationale does
-not depend on which other texts share its batch or in which order batches run.
+not depend on which other texts share its batch or in which order batches run. Training rollouts key their noise on
+(seed, step, sample id, rollout index) instead (:func:`megatron_grace.rollout.row_seed`): an evaluation text has no
+step or sample id, and the same text must get the same rationale in every task and batch.
 
 :meth:`GraceEncoder.pool_token_ids` is the pooling step alone (token ids and pool_start in, embedding out): the hook
 to compare against the training-time pooled embedding of the Megatron forward for the same tokens.
