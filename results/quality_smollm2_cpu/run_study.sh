@@ -26,9 +26,9 @@ GRACE=(--train-iters 10 --global-batch-size 4 --ppo-mini-batch-size 2 --rollout-
 train grace-code 29610 "${GRACE[@]}" --reward-variant code &
 train grace-per-rollout 29620 "${GRACE[@]}" --reward-variant per-rollout &
 wait
-# InfoNCE: the same model, data, prompt and pooling without rationales; 16 queries per step (each against 16
+# InfoNCE: the same model, data, prompt and pooling without rationales, about the GRACE runs' wall time; 16 queries per step (each against 16
 # positives and 16 hard negatives), lr 1e-5, tau 0.05.
-train infonce 29630 --algorithm infonce --train-iters 60 --global-batch-size 16 --micro-batch-size 8 --lr 1e-5
+train infonce 29630 --algorithm infonce --train-iters 15 --global-batch-size 16 --micro-batch-size 8 --lr 1e-5
 
 evaluate() {  # evaluate MODEL_DIR FLAGS...: into one folder, so that summary.md holds every run side by side
     "$PYTHON" tools/eval_mteb.py --model "$1" --tasks local --limit 16 --output "$WORK/eval" "${@:2}" \
