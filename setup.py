@@ -1,7 +1,7 @@
 """megatron-grace: GRACE embedder training on Megatron-Core.
 
-The Triton kernels live in the top-level ``kernels/`` folder of the repository (one file per op, Liger-Kernel
-style) and are installed under the import name ``megatron_grace.kernels``.
+The Triton kernels live in ``megatron_grace/kernels/`` (one file per op, Liger-Kernel style): the import path is the
+file path.
 """
 from setuptools import setup
 
@@ -21,7 +21,6 @@ setup(
     python_requires=">=3.10",
     packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.cli",
               "megatron_grace.kernels"],
-    package_dir={"megatron_grace.kernels": "kernels"},
     # The same code as python -m megatron_grace.train and tools/*.py (megatron_grace/cli/__init__.py lists them).
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[

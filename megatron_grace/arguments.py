@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     objective.add_argument("--reward-variant", choices=["code", "paper", "per-rollout"], default="code",
                            help="code: the reference code's terms; paper: several negatives summed; per-rollout: "
                                 "negatives and cross-group term measured against each rollout, so they reach the "
-                                "advantage (see kernels/grace_rewards.py)")
+                                "advantage (see megatron_grace/kernels/grace_rewards.py)")
     objective.add_argument("--reward-temperature", type=float, default=0.1, help="τ: similarities are divided by it")
     objective.add_argument("--clustering-weight", type=float, default=0.2, help="λ1")
     objective.add_argument("--cross-group-weight", type=float, default=0.2, help="λ2")
