@@ -50,6 +50,7 @@ from .reliability import (NonFiniteGuard, StallWatchdog, check_before_launch, ch
 from .reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums, compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
 from .schedule import StageOutput, run_microbatches
+from .step_rows import GrpoRows
 from .utils import free_port
 
 
@@ -188,27 +189,20 @@ class GraceTrainer:
 
         # 1. data: whole groups per data-parallel rank.
         global_batch, examples = self._next_examples()
-        groups, num_negatives = len(examples), self.dataset.num_negatives
+        rows = GrpoRows(examples, n, self.dataset.num_negatives)
 
         # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
         self.watchdog.enter("rollout", step)
         start = time.perf_counter()
-        # (example, prompt, temperature, rollout index within the example: seeds the row's sampling noise)
-        rows = ([(ex, ex.main, args.rollout_temperature, k) for ex in examples for k in range(n)]
-                + [(ex, ex.query, args.query_temperature, n) for ex in examples]
-                + [(ex, ex.negatives[m], args.query_temperature, n + 1 + m)
-                   for m in range(num_negatives) for ex in examples])
-        prompts = [prompt for _, prompt, _, _ in rows]
-        requests = [RolloutRequest(prompt.input_ids, temperature,
-                                   row_seed(args.seed, self.iteration, ex.sample_id, index))
-                    for ex, prompt, temperature, index in rows]
+        requests = rows.requests(seed=args.seed, step=self.iteration, rollout_temperature=args.rollout_temperature,
+                                 query_temperature=args.query_temperature)
         rollouts = self.engine.generate(requests, args.max_response_length)
         timings["rollout"] = time.perf_counter() - start
 
         # 3. one no-grad forward: old log-probs + pooled embeddings (last pipeline stage).
         self.watchdog.enter("forward", step)
         start = time.perf_counter()
-        batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
+        batch = SequenceBatch.build(rows.prompts(), rollouts, pad_token_id=self.pad_token_id,
                                     length_multiple=self._length_multiple())
         experience = one_pass_forward(self.model, batch, args.micro_batch_size)
         reference_log_probs = (one_pass_forward(self.reference, batch, args.micro_batch_size).old_log_probs
@@ -218,32 +212,29 @@ class GraceTrainer:
         # 4-5. rewards and advantages for this rank's main rows (last stage; other stages only need shapes).
         self.watchdog.enter("reward", step)
         start = time.perf_counter()
-        main_rows = groups * n
-        truncated = torch.tensor([r.truncated for r in rollouts[:main_rows]])
+        truncated = torch.tensor([r.truncated for r in rollouts[rows.main]])
         rewards = advantages = None
         if self.is_last_stage:
             embeddings = experience.embeddings
-            negatives = None
-            if num_negatives:
-                negatives = embeddings[main_rows + groups:].view(num_negatives, groups, -1).transpose(0, 1)
-            rewards = compute_rewards(embeddings[:main_rows], embeddings[main_rows: main_rows + groups], negatives,
+            rewards = compute_rewards(embeddings[rows.main], embeddings[rows.query], rows.negatives_view(embeddings),
                                       truncated, n, self.reward_settings)
             faults.nonfinite("reward", step, rewards["total"])
             advantages = group_advantages(rewards["total"], n, norm_by_std=args.norm_adv_by_std)
         timings["reward"] = time.perf_counter() - start
         # The first group's rationales, for samples.jsonl and the run report (read by _log_samples).
-        self.last_sample = (examples[0], rollouts[:n], rewards["total"][:n].tolist() if rewards else [None] * n)
+        self.last_sample = (examples[0], rollouts[rows.first_group],
+                            rewards["total"][rows.first_group].tolist() if rewards else [None] * n)
 
         # 6. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
         self.watchdog.enter("update", step)
         start = time.perf_counter()
         rewards_finite = self.nonfinite.check(step, "reward", [rewards["total"]] if rewards else [])
-        update = (self._update(batch, experience, reference_log_probs, advantages, main_rows) if rewards_finite
+        update = (self._update(batch, experience, reference_log_probs, advantages, rows) if rewards_finite
                   else {"grad_norm": float("nan")})
         timings["update"] = time.perf_counter() - start
         self.iteration += 1
 
-        metrics = self._step_metrics(batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
+        metrics = self._step_metrics(batch, rollouts, rows, experience, rewards, advantages, update,
                                      timings)
         metrics["skipped_updates"] = self.nonfinite.finish_step(step)
         metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
@@ -307,18 +298,19 @@ class GraceTrainer:
         self.optimizer_steps += 1
         return True, float("nan") if grad_norm is None else grad_norm
 
-    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, main_rows: int) -> dict:
+    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, rows: GrpoRows) -> dict:
         args = self.args
         rows_per_mini_batch = args.ppo_mini_batch_size // self.dp_size * args.rollout_n
         width = batch.tokens.shape[1] - 1
         old_log_probs = experience.old_log_probs if self.is_last_stage else torch.zeros(len(batch), width)
+        main_rows = rows.num_main
         if advantages is None:
             advantages = torch.zeros(main_rows)
-        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[:main_rows]}
+        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[rows.main]}
         if reference_log_probs is not None:
             per_row["reference_log_probs"] = (reference_log_probs if self.is_last_stage
-                                              else torch.zeros(len(batch), width))[:main_rows]
-        main = batch.select(slice(0, main_rows))
+                                              else torch.zeros(len(batch), width))[rows.main]
+        main = batch.select(rows.main)
         totals: dict[str, float] = {}
         grad_norms = []
         step = self.iteration + 1
@@ -373,14 +365,15 @@ class GraceTrainer:
         scale = min(1.0, (self.optimizer_steps + 1) / warmup) if warmup > 0 else 1.0
         set_learning_rate(self.optimizer, self.args.lr * scale)
 
-    def _step_metrics(self, batch, rollouts, main_rows, groups, experience, rewards, advantages, update,
+    def _step_metrics(self, batch, rollouts, rows: GrpoRows, experience, rewards, advantages, update,
                       timings) -> dict:
         """Per-step metrics, reduced over data-parallel ranks on the last stage; returned on every rank."""
-        main_lengths = batch.response_lengths[:main_rows].float()
-        sums = {"main_rows": float(main_rows), "groups": float(groups),
+        main_lengths = batch.response_lengths[rows.main].float()
+        main_rollouts = rollouts[rows.main]
+        sums = {"main_rows": float(rows.num_main), "groups": float(rows.groups),
                 "response_length_sum": float(main_lengths.sum()),
-                "query_response_length_sum": float(batch.response_lengths[main_rows: main_rows + groups].sum()),
-                "truncated": float(sum(r.truncated for r in rollouts[:main_rows])),
+                "query_response_length_sum": float(batch.response_lengths[rows.query].sum()),
+                "truncated": float(sum(r.truncated for r in main_rollouts)),
                 "rollout_tokens": float(batch.response_lengths.sum())}
         sums["forward_tokens"], sums["forward_real_tokens"] = map(float, batch.token_counts(self.args.micro_batch_size))
         maxima = {"response_length_max": float(main_lengths.max())}
@@ -391,10 +384,10 @@ class GraceTrainer:
             sums["advantage_sum"] = float(advantages.sum())
             sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
             maxima["advantage_abs_max"] = float(advantages.abs().max())
-            sums.update(advantage_variance_sums(rewards, torch.tensor([r.truncated for r in rollouts[:main_rows]]),
+            sums.update(advantage_variance_sums(rewards, torch.tensor([r.truncated for r in main_rollouts]),
                                                 self.args.rollout_n, self.reward_settings))
             sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
-                rollouts[:main_rows], experience.old_log_probs[:main_rows], batch.response_target_mask()[:main_rows]))
+                main_rollouts, experience.old_log_probs[rows.main], batch.response_target_mask()[rows.main]))
             sums.update({key: value for key, value in update.items() if key != "grad_norm"})
         # At sampled steps every main row's response length, for the report's length histogram.
         lengths = {"response_lengths": main_lengths.long().tolist()} if self._is_sampled_step(self.iteration) else {}

@@ -19,10 +19,10 @@ train() {  # train NAME PORT FLAGS...: a run directory, its metrics, and the HF 
         --export-hf "$WORK/models/$name" "$@" > "$WORK/$name.log" 2>&1
 }
 
-# GRACE, both reward variants, side by side: 10 steps of 4 prompts x 4 rollouts (2 optimizer steps each).
-# Rationales up to 128 tokens at T 0.7 keep the first steps' truncation near 30 % (at T 1.0 and 48 tokens: ~70 %).
-GRACE=(--train-iters 10 --global-batch-size 4 --ppo-mini-batch-size 2 --rollout-n 4 --micro-batch-size 4
-       --max-response-length 128 --rollout-temperature 0.7 --lr 2e-6 --save-interval 5 --sample-interval 1)
+# GRACE, both reward variants, side by side, with the CPU demo's settings (examples/pretrain_grace.sh): 10 steps of
+# 4 prompts x 4 rollouts, 4 optimizer steps each, lr 1e-5, rationales up to 128 tokens at T 0.7.
+GRACE=(--train-iters 10 --global-batch-size 4 --ppo-mini-batch-size 1 --rollout-n 4 --micro-batch-size 4
+       --max-response-length 128 --rollout-temperature 0.7 --lr 1e-5 --save-interval 5 --sample-interval 1)
 train grace-code 29610 "${GRACE[@]}" --reward-variant code &
 train grace-per-rollout 29620 "${GRACE[@]}" --reward-variant per-rollout &
 wait

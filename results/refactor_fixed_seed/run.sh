@@ -5,6 +5,6 @@
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1 OMP_NUM_THREADS=1 PYTHONPATH=$1
 cd "$1"
-python -m torch.distributed.run --nproc-per-node 1 --master-port "$4" -m megatron_grace.train \
+"${PYTHON:-python}" -m torch.distributed.run --nproc-per-node 1 --master-port "$4" -m megatron_grace.train \
   --hf-model "$2" --train-iters 3 --global-batch-size 4 --ppo-mini-batch-size 2 --rollout-n 4 --micro-batch-size 4 \
   --max-response-length 10 --max-prompt-length 128 --lr 2e-5 --seed 1234 --save "$3" --no-report --sample-interval 0
