@@ -172,10 +172,11 @@ def logprob_mismatch_sum(rollouts: list[Rollout], old_log_probs: torch.Tensor,
 
 @torch.no_grad()
 def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, length_trimmed: bool = True,
-                     dropout_seed: int | None = None) -> Experience:
+                     dropout_seed: int | None = None, temperatures: torch.Tensor | None = None) -> Experience:
     """Old log-probs and pooled embeddings of every row. The model runs in eval mode (no dropout) unless a
     ``dropout_seed`` is given: then dropout is on with masks drawn from that seed, so that a later forward/backward
-    with the same seed and micro-batches replays them (SimCSE's two passes, :mod:`megatron_grace.contrastive`)."""
+    with the same seed and micro-batches replays them (SimCSE's two passes, :mod:`megatron_grace.contrastive`).
+    ``temperatures`` [N]: each row's sampling temperature; its log-probs are taken under softmax(logits / T)."""
     def collect(micro, output):
         log_probs = output.log_probs * micro["response_mask"]
         pooled = pool_hidden(output.hidden, micro["pool_mask"])
@@ -184,8 +185,9 @@ def one_pass_forward(model, batch: SequenceBatch, micro_batch_size: int, *, leng
                                                            "rows": micro["rows"][keep.cpu()]}
 
     model.train(dropout_seed is not None)
-    outputs = run_microbatches(model, batch.microbatches(micro_batch_size, length_trimmed=length_trimmed), collect,
-                               forward_only=True, dropout_seed=dropout_seed)
+    per_row = {} if temperatures is None else {"temperatures": temperatures}
+    outputs = run_microbatches(model, batch.microbatches(micro_batch_size, length_trimmed=length_trimmed, **per_row),
+                               collect, forward_only=True, dropout_seed=dropout_seed)
     model.train()
     if not parallel_state.is_pipeline_last_stage():
         return Experience(None, None)

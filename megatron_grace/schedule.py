@@ -4,7 +4,8 @@ forward+backward), capturing the final-norm hidden states on the last stage for 
 ``loss_fn(batch, output)`` runs on the last pipeline stage only, once per micro-batch, with a :class:`StageOutput`:
 * ``log_probs`` [B, S-1]: log p(tokens[:, t+1] | tokens[:, :t+1]), computed vocabulary-parallel; when the
   micro-batch holds a ``response_mask`` [B, S-1], only those positions are computed and the others are 0 (the output
-  layer is the largest GEMM of a small model, and GRACE's prompts are longer than their rationales);
+  layer is the largest GEMM of a small model, and GRACE's prompts are longer than their rationales); when it holds
+  ``temperatures`` [B], under softmax(logits / T_row), the distribution the row was sampled from;
 * ``hidden``: the decoder's output after the final norm, [S, B, H] (or [S/TP, B, H] under sequence parallel);
 * ``logits`` [B, S, V/TP] (padded vocabulary rows masked to -inf), only with ``need_logits=True``.
 It returns ``(loss_sum, num_tokens, metrics)``: the schedule scales gradients by the global token count (see
@@ -95,7 +96,9 @@ def _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, s
         loss_mask = None
         if use_labels and "response_mask" in batch:
             loss_mask = torch.nn.functional.pad(batch["response_mask"], (0, 1))  # [B, S-1] → [B, S]
+        stage.row_temperatures = batch.get("temperatures") if use_labels else None
         output = model_chunk(batch["tokens"], batch["position_ids"], None, labels=labels, loss_mask=loss_mask)
+        stage.row_temperatures = None
         # The schedule calls the loss function on the last pipeline stage only.
         return output, partial(finish, batch)
 
@@ -104,6 +107,8 @@ def _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, s
         if use_labels:  # output: per-token cross-entropy [B, S]
             return loss_fn(batch, StageOutput(log_probs=-output[:, :-1], hidden=hidden))
         logits = mask_padded_vocab(output, arch.vocab_size)
+        if "temperatures" in batch:
+            logits = logits / batch["temperatures"].to(logits.dtype)[:, None, None]
         log_probs = token_log_probs(logits[:, :-1], batch["tokens"][:, 1:])
         return loss_fn(batch, StageOutput(log_probs=log_probs, hidden=hidden, logits=logits))
 

@@ -69,6 +69,11 @@ class GrpoRows:
                                row_seed(seed, step, ex.sample_id, index))
                 for ex, prompt, is_main, index in self._rows()]
 
+    def temperatures(self, *, rollout_temperature: float, query_temperature: float) -> torch.Tensor:
+        """[rows] sampling temperature of each row, in batch order."""
+        return torch.tensor([rollout_temperature if is_main else query_temperature
+                             for _, _, is_main, _ in self._rows()])
+
     def negatives_view(self, embeddings: torch.Tensor) -> torch.Tensor | None:
         """[G, M, H] hard-negative embeddings from the batch's [rows, H] (None without negatives)."""
         if not self.num_negatives:

@@ -204,8 +204,12 @@ class GraceTrainer:
         start = time.perf_counter()
         batch = SequenceBatch.build(rows.prompts(), rollouts, pad_token_id=self.pad_token_id,
                                     length_multiple=self._length_multiple())
-        experience = one_pass_forward(self.model, batch, args.micro_batch_size)
-        reference_log_probs = (one_pass_forward(self.reference, batch, args.micro_batch_size).old_log_probs
+        # Log-probs under each row's sampling distribution, softmax(logits / T), as the rollout sampled it.
+        temperatures = rows.temperatures(rollout_temperature=args.rollout_temperature,
+                                         query_temperature=args.query_temperature)
+        experience = one_pass_forward(self.model, batch, args.micro_batch_size, temperatures=temperatures)
+        reference_log_probs = (one_pass_forward(self.reference, batch, args.micro_batch_size,
+                                                temperatures=temperatures).old_log_probs
                                if self.reference is not None else None)
         timings["forward"] = time.perf_counter() - start
 
@@ -229,8 +233,8 @@ class GraceTrainer:
         self.watchdog.enter("update", step)
         start = time.perf_counter()
         rewards_finite = self.nonfinite.check(step, "reward", [rewards["total"]] if rewards else [])
-        update = (self._update(batch, experience, reference_log_probs, advantages, rows) if rewards_finite
-                  else {"grad_norm": float("nan")})
+        update = (self._update(batch, experience, reference_log_probs, advantages, rows, temperatures)
+                  if rewards_finite else {"grad_norm": float("nan")})
         timings["update"] = time.perf_counter() - start
         self.iteration += 1
 
@@ -298,7 +302,8 @@ class GraceTrainer:
         self.optimizer_steps += 1
         return True, float("nan") if grad_norm is None else grad_norm
 
-    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, rows: GrpoRows) -> dict:
+    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, rows: GrpoRows,
+                temperatures: torch.Tensor) -> dict:
         args = self.args
         rows_per_mini_batch = args.ppo_mini_batch_size // self.dp_size * args.rollout_n
         width = batch.tokens.shape[1] - 1
@@ -306,7 +311,8 @@ class GraceTrainer:
         main_rows = rows.num_main
         if advantages is None:
             advantages = torch.zeros(main_rows)
-        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[rows.main]}
+        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[rows.main],
+                   "temperatures": temperatures[rows.main]}
         if reference_log_probs is not None:
             per_row["reference_log_probs"] = (reference_log_probs if self.is_last_stage
                                               else torch.zeros(len(batch), width))[rows.main]

@@ -100,6 +100,15 @@ def test_per_rollout_reward_variant_reaches_the_advantage(train_results):
     assert abs(shares["neg"]) > 1e-4 and abs(shares["cross"]) > 1e-4
 
 
+def test_log_probs_follow_the_sampling_temperature(train_results):
+    """Rollouts at T 0.7: the one-pass forward's old log-probs are taken under softmax(logits / 0.7), the
+    distribution the tokens came from, so they match the sampler's (at T 1 they would differ by ~0.3 per token on a
+    real model). Same rollouts as at T 1 would not be: the tokens change, so only the mismatch is compared."""
+    tempered, = train_results["tempered_tp2pp2"]
+    assert tempered["logprob_mismatch"] < 1e-4
+    assert tempered["grad_norm"] > 0
+
+
 def test_infonce_learns_the_same_at_every_layout(train_results):
     first, second = train_results["infonce_tp1pp1"]
     assert first["loss"] > 0 and first["grad_norm"] > 0 and 0 <= first["top1_accuracy"] <= 1

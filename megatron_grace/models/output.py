@@ -130,7 +130,14 @@ def linear_cross_entropy(hidden, weight, labels, vocab_size: int, tp_group) -> t
 class GraceGPTModel(GPTModel):
     """Megatron-Core's GPTModel with the output head described in the module docstring. Same parameters, same
     checkpoints. ``arch`` (the :class:`~megatron_grace.models.config.ModelArchitecture`, set by the builder) gives the
-    real vocabulary size; ``self.vocab_size`` is Megatron's padded one."""
+    real vocabulary size; ``self.vocab_size`` is Megatron's padded one.
+
+    ``row_temperatures`` ([B], set by :func:`~megatron_grace.schedule.run_microbatches` around a forward): the
+    per-token log-probs of the ``labels=`` path are taken under softmax(logits / T_row), the distribution each row was
+    sampled from, so PPO's ratio and the rollout's log-probs refer to the same policy at any sampling temperature (as
+    verl and TRL do). The output layer has no bias, so dividing its input by T divides the logits by T."""
+
+    row_temperatures: torch.Tensor | None = None
 
     def _output_weight(self):
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
@@ -169,6 +176,8 @@ class GraceGPTModel(GPTModel):
         seq, batch, hidden_size = hidden_states.shape
         # Batch-first token order, so the [B, S] result needs no transposed copy.
         hidden_bsh = hidden_states.transpose(0, 1).reshape(batch * seq, hidden_size)
+        if self.row_temperatures is not None:
+            hidden_bsh = hidden_bsh / self.row_temperatures.to(hidden_bsh.dtype).repeat_interleave(seq)[:, None]
         labels = labels.reshape(-1)
         loss_mask = kwargs.get("loss_mask")
         if loss_mask is not None:

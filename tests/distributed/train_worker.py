@@ -67,6 +67,8 @@ def main() -> None:
                                       "--train-data", unsupervised)
     results["kl_entropy_tp2pp2"] = run(2, 2, "--train-iters", "1", "--kl-coef", "0.1", "--entropy-coef", "0.01")
     results["per_rollout_tp2pp2"] = run(2, 2, "--train-iters", "1", "--reward-variant", "per-rollout")
+    # Main rows sampled at T 0.7: the update's log-probs must be those of the tempered sampling distribution.
+    results["tempered_tp2pp2"] = run(2, 2, "--train-iters", "1", "--rollout-temperature", "0.7")
     # The contrastive baselines: InfoNCE across layouts (in-batch negatives from 4 data-parallel ranks vs 1) and its
     # exact resume; SimCSE's replayed dropout masks at two pipeline layouts of the same micro-batches (DP1 both).
     infonce = ("--algorithm", "infonce")
