@@ -66,7 +66,7 @@ else
         --max-prompt-length 256
         --max-response-length 128
         --rollout-temperature 0.7
-        --lr 1e-5
+        --lr 2e-5
         --seed 1234
         --save "$RUN_DIR"
         --load "$RUN_DIR"

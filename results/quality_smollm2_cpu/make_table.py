@@ -24,9 +24,8 @@ for column, folder, rationale in METHODS:
     runs = [run for label, run in summary.items()
             if label.split("@")[0] == folder and ("(base)" not in label) == rationale]
     columns[column] = runs
-tasks = sorted({name for runs in columns.values() for run in runs for name in run["tasks"]},
-               key=lambda name: (summary[next(iter(summary))]["tasks"].get(name, {}).get("type", ""), name))
 kinds = {name: run["tasks"][name]["type"] for runs in columns.values() for run in runs for name in run["tasks"]}
+tasks = sorted(kinds, key=lambda name: (kinds[name], name))
 
 
 def cell(values):
