@@ -26,9 +26,8 @@ exactly and do not depend on the pipeline layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from .data.prompts import Prompt
 from .kernels import all_reduce_masked_mean, masked_mean_pool, masked_sum_pool_partial
+from .kernels.masked_mean_pool import raise_on_empty_rows
 from .platform import current_device
 from .rollout import Rollout
 from .schedule import run_microbatches
@@ -145,6 +146,7 @@ def pool_hidden(hidden: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
 
             sums = reduce_from_tensor_model_parallel_region(sums)
             counts = reduce_from_tensor_model_parallel_region(counts)
+            raise_on_empty_rows(counts)  # as all_reduce_masked_mean does on the no-grad path
             return sums / counts.clamp_min(1)[:, None]
         return all_reduce_masked_mean(sums, counts, group=parallel_state.get_tensor_model_parallel_group())
     return masked_mean_pool(hidden, pool_mask, seq_first=True)
