@@ -120,6 +120,12 @@ def test_infonce_learns_the_same_at_every_layout(train_results):
         assert_metrics_close(ours, reference, rel=1e-4, across_layouts=True)
 
 
+def test_infonce_with_sequence_parallel_pooling(train_results):
+    # Step 2 runs on the weights step 1's gradients produced, so it checks the backward through the sharded pool.
+    for ours, reference in zip(train_results["infonce_tp2_sp"], train_results["infonce_tp2"]):
+        assert_metrics_close(ours, reference, rel=1e-4, across_layouts=True)
+
+
 def test_infonce_resume_is_exact(train_results):
     uninterrupted = train_results["infonce_uninterrupted"]
     assert uninterrupted[:2] == train_results["infonce_tp2pp2"]

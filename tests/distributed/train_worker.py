@@ -80,6 +80,9 @@ def main() -> None:
         (out / "infonce" / "latest_checkpointed_iteration.txt").write_text("2")
     dist.barrier()
     results["infonce_resumed"] = run(2, 2, "--train-iters", "3", *infonce, "--load", str(out / "infonce"))
+    # Sequence parallelism: each TP rank pools its sequence shard and the loss back-propagates through the sum.
+    results["infonce_tp2_sp"] = run(2, 1, "--train-iters", "2", *infonce, sequence_parallel=True)
+    results["infonce_tp2"] = run(2, 1, "--train-iters", "2", *infonce)
     simcse = ("--algorithm", "simcse", "--train-mode", "unsupervised", "--train-data", unsupervised)
     results["simcse_tp1pp4"] = run(1, 4, "--train-iters", "2", *simcse)
     results["simcse_tp2pp2"] = run(2, 2, "--train-iters", "2", *simcse)
