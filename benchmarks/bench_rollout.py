@@ -38,13 +38,13 @@ CASES = {  # name: (prompts, rollouts per prompt, query and negative rows, max n
 }
 
 
-def case_rows(dataset, prompts: int, rollouts: int, with_query_rows: bool, settings) -> list[tuple[list[int], float]]:
+def case_rows(dataset, prompts: int, rollouts: int, with_query_rows: bool, config) -> list[tuple[list[int], float]]:
     """(prompt ids, temperature) per row, in a GRACE step's order: main rows group-major, then queries, negatives."""
     examples = [dataset[i] for i in range(prompts)]
-    rows = [(ex.main.input_ids, settings.rollout_temperature) for ex in examples for _ in range(rollouts)]
+    rows = [(ex.main.input_ids, config.rollout.rollout_temperature) for ex in examples for _ in range(rollouts)]
     if with_query_rows:
-        rows += [(ex.query.input_ids, settings.query_temperature) for ex in examples]
-        rows += [(ex.negatives[0].input_ids, settings.query_temperature) for ex in examples if ex.negatives]
+        rows += [(ex.query.input_ids, config.rollout.query_temperature) for ex in examples]
+        rows += [(ex.negatives[0].input_ids, config.rollout.query_temperature) for ex in examples if ex.negatives]
     return rows
 
 
@@ -79,7 +79,7 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
                 in enumerate(rows)]
     engines = {"megatron_grace": RolloutEngine(trainer.model, eos_token_ids=eos_token_ids,
                                                pad_token_id=trainer.pad_token_id,
-                                               sync_interval=trainer.args.rollout_sync_interval)}
+                                               sync_interval=trainer.config.rollout.rollout_sync_interval)}
     generated: dict[str, int] = {}
 
     def run_engine(name, engine, new_tokens):
@@ -215,10 +215,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from megatron_grace.arguments import parse_args
+    from megatron_grace.config import parse_args
     from megatron_grace.default_model import default_model_dir
     from megatron_grace.platform import ParallelLayout, initialize_distributed
-    from megatron_grace.train import GraceTrainer, eos_token_ids
+    from megatron_grace.models.hf_io import eos_token_ids
+    from megatron_grace.train import GraceTrainer
 
     hf_dir = Path(cli.hf_model) if cli.hf_model else default_model_dir()
     initialize_distributed(ParallelLayout())
@@ -229,11 +230,11 @@ def main() -> None:
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=trainer.params_dtype).eval()
     result = {"benchmark": "rollout", "model": hf_dir.name, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(trainer.params_dtype),
-              "sync_interval": trainer.args.rollout_sync_interval, "cases": {}}
+              "sync_interval": trainer.config.rollout.rollout_sync_interval, "cases": {}}
     all_rows = {}
     for name in cli.cases:
         prompts, rollouts, with_query_rows, max_new_tokens = CASES[name]
-        rows = case_rows(trainer.dataset, prompts, rollouts, with_query_rows, trainer.args)
+        rows = case_rows(trainer.dataset, prompts, rollouts, with_query_rows, trainer.config)
         all_rows[name] = {"prompts": [p for p, _ in rows], "temperatures": [t for _, t in rows],
                           "max_new_tokens": max_new_tokens, "eos_token_ids": eos}
         repeats = cli.repeats[min(cli.cases.index(name), len(cli.repeats) - 1)]

@@ -82,9 +82,9 @@ def measure_steps(trainer, steps: int, warm_up: bool = True) -> dict:
     keys = [k for k in records[0] if k.startswith("time_") or k.endswith("_per_s")] + [
         "seconds_per_step", "response_length_mean", "truncation_rate"]
     summary = {k: sum(r[k] for r in records) / len(records) for k in keys}
-    args = trainer.args
-    rows = args.global_batch_size * (args.rollout_n + 1 + trainer.dataset.num_negatives)
-    micro_batches_per_pass = -(-rows // args.micro_batch_size)
+    training = trainer.config.training
+    rows = training.global_batch_size * (trainer.config.rollout.rollout_n + 1 + trainer.dataset.num_negatives)
+    micro_batches_per_pass = -(-rows // training.micro_batch_size)
     last = records[-1]
     # Micro-batch forwards / micro-batches in one pass over the rollout batch = passes over the batch.
     summary["no_grad_passes_per_rollout_batch"] = last["no_grad"] / micro_batches_per_pass
@@ -101,7 +101,7 @@ def measure_steps(trainer, steps: int, warm_up: bool = True) -> dict:
 
 
 def build_trainer(hf_dir: Path, cli, global_batch_size: int, max_response_length: int):
-    from megatron_grace.arguments import parse_args
+    from megatron_grace.config import parse_args
     from megatron_grace.train import GraceTrainer
 
     flags = ["--hf-model", str(hf_dir), "--global-batch-size", str(global_batch_size), "--ppo-mini-batch-size",

@@ -61,7 +61,8 @@ def main() -> None:
     cli = parser.parse_args()
 
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-    from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
+    from megatron_grace.config import OptimConfig
+    from megatron_grace.optim import optimizer_step, wrap_for_training, zero_grads
     from megatron_grace.platform import ParallelLayout, current_device, initialize_distributed
     from megatron_grace.schedule import run_microbatches
 
@@ -69,7 +70,7 @@ def main() -> None:
     arch = architecture(cli.shape)
     model, optimizer = wrap_for_training(build_gpt_model(arch, make_transformer_config(arch,
                                                                                         params_dtype=torch.bfloat16)),
-                                         OptimizerSettings(lr=1e-6))
+                                         OptimConfig(lr=1e-6))
     device = current_device()
     generator = torch.Generator().manual_seed(0)
     micro_batches = [{"tokens": torch.randint(0, arch.vocab_size, (cli.micro_batch_size, cli.seq_length),

@@ -2,8 +2,6 @@
 the low-variance KL and the vocabulary-parallel entropy. Each is checked against hand computation in the tests."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
@@ -25,15 +23,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, norm_by_std: boo
     return centred.reshape(-1)
 
 
-@dataclass
-class ClipSettings:
-    low: float = 0.2
-    high: float = 0.2
-    dual_clip_c: float = 3.0
-
-
 def ppo_clipped_token_losses(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                             clip: ClipSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             *, clip_low: float, clip_high: float, dual_clip_c: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO loss with dual clip (verl's ``compute_policy_loss``).
 
     loss = max(-A·r, -A·clip(r, 1-low, 1+high)); for A < 0 it is further capped at -A·c, so a very large ratio on a
@@ -41,9 +33,9 @@ def ppo_clipped_token_losses(log_probs: torch.Tensor, old_log_probs: torch.Tenso
     """
     ratio = torch.exp(log_probs - old_log_probs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip.low, 1.0 + clip.high)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     losses = torch.maximum(unclipped, clipped)
-    dual_bound = -advantages * clip.dual_clip_c
+    dual_bound = -advantages * dual_clip_c
     dual_clipped = (advantages < 0) & (losses > dual_bound)
     losses = torch.where(dual_clipped, dual_bound, losses)
     return losses, clipped > unclipped, dual_clipped

@@ -3,12 +3,19 @@ wandb, and sample rationales (``<save>/samples.jsonl``)."""
 from __future__ import annotations
 
 import json
+import math
+import resource
 import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from .config import LoggingConfig
+from .experience import logprob_mismatch_sum
+from .reward import ADVANTAGE_SHARE_TERMS, advantage_variance_sums
 
 PROGRESS_BAR_WIDTH = 20
 SHOWN = (("reward_mean", "reward", "{:.3f}"), ("reward_pos_mean", "pos", "{:.3f}"), ("loss", "loss", "{:+.4f}"),
@@ -38,18 +45,22 @@ def reduce_metrics(sums: dict[str, float], maxima: dict[str, float], *, is_contr
     return total
 
 
-def tensorboard_dir(args) -> Path | None:
+def tensorboard_dir(logging: LoggingConfig, save: str | None) -> Path | None:
     """``--tensorboard-dir``, else ``<save>/tensorboard`` (so it follows ``--save``), else none."""
-    if args.tensorboard_dir:
-        return Path(args.tensorboard_dir)
-    return Path(args.save) / "tensorboard" if args.save else None
+    if logging.tensorboard_dir:
+        return Path(logging.tensorboard_dir)
+    return Path(save) / "tensorboard" if save else None
 
 
 class MetricsLogger:
-    def __init__(self, args, *, is_logging_rank: bool):
-        self.args = args
+    """``settings``: every flag's value (``GraceConfig.flat()``), written to ``<save>/args.json`` and wandb."""
+
+    def __init__(self, logging: LoggingConfig, *, save: str | None, settings: dict, is_logging_rank: bool):
+        self.config = logging
+        self.save = save
+        self.settings = settings
         self.is_logging_rank = is_logging_rank
-        self.run_dir = Path(args.save) if args.save else None
+        self.run_dir = Path(save) if save else None
         self.tensorboard = None
         self.wandb = None
         self.history: list[dict] = []
@@ -64,19 +75,17 @@ class MetricsLogger:
             self._truncate_jsonl(self.run_dir / "metrics.jsonl", first_step)
             self._truncate_jsonl(self.run_dir / "samples.jsonl", first_step)
             # The flags of this launch, for the run report (a resumed launch rewrites them).
-            settings = {key: value for key, value in vars(self.args).items()
-                        if value is None or isinstance(value, (int, float, str, bool, list))}
-            (self.run_dir / "args.json").write_text(json.dumps(settings, indent=1) + "\n")
-        events_dir = tensorboard_dir(self.args)
+            (self.run_dir / "args.json").write_text(json.dumps(self.settings, indent=1) + "\n")
+        events_dir = tensorboard_dir(self.config, self.save)
         if events_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=str(events_dir), purge_step=first_step + 1)
-        if self.args.wandb_project:
+        if self.config.wandb_project:
             import wandb  # optional dependency: only imported when asked for
 
-            self.wandb = wandb.init(project=self.args.wandb_project, name=self.args.wandb_exp_name,
-                                    config=vars(self.args), resume="allow")
+            self.wandb = wandb.init(project=self.config.wandb_project, name=self.config.wandb_exp_name,
+                                    config=self.settings, resume="allow")
 
     @staticmethod
     def _truncate_jsonl(path: Path, keep_through_step: int) -> None:
@@ -107,7 +116,7 @@ class MetricsLogger:
             self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        if step % self.args.log_interval == 0 or step == self.last_step:
+        if step % self.config.log_interval == 0 or step == self.last_step:
             print(self._progress_line(metrics), flush=True)
 
     def _progress_line(self, metrics: dict) -> str:
@@ -153,3 +162,118 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------- step metrics
+def grpo_step_metrics(step: int, batch, rollouts, rows, experience, rewards, advantages, update: dict,
+                      timings: dict, *, config, is_last_stage: bool, with_lengths: bool, lr: float) -> dict:
+    """A GRPO step's metrics (``metrics.jsonl``), reduced over data-parallel ranks from the last pipeline stage's
+    values; returned on every rank. ``rows``: the step's :class:`~megatron_grace.step_rows.GrpoRows`; ``rewards``
+    and ``advantages``: this rank's main rows (None off the last stage); ``update``: the update's sums and grad
+    norm; ``with_lengths``: also every main row's response length (for the report's histogram)."""
+    micro_batch_size, objective = config.training.micro_batch_size, config.objective
+    main_lengths = batch.response_lengths[rows.main].float()
+    main_rollouts = rollouts[rows.main]
+    sums = {"main_rows": float(rows.num_main), "groups": float(rows.groups),
+            "response_length_sum": float(main_lengths.sum()),
+            "query_response_length_sum": float(batch.response_lengths[rows.query].sum()),
+            "truncated": float(sum(r.truncated for r in main_rollouts)),
+            "rollout_tokens": float(batch.response_lengths.sum())}
+    sums["forward_tokens"], sums["forward_real_tokens"] = map(float, batch.token_counts(micro_batch_size))
+    maxima = {"response_length_max": float(main_lengths.max())}
+    if is_last_stage:
+        for term, values in rewards.items():
+            sums[f"reward_{term}_sum"] = float(values.sum())
+            sums[f"reward_{term}_sq_sum"] = float((values.double() ** 2).sum())
+        sums["advantage_sum"] = float(advantages.sum())
+        sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
+        maxima["advantage_abs_max"] = float(advantages.abs().max())
+        sums.update(advantage_variance_sums(rewards, torch.tensor([r.truncated for r in main_rollouts]),
+                                            config.rollout.rollout_n, objective, mode=config.data.train_mode))
+        sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
+            main_rollouts, experience.old_log_probs[rows.main], batch.response_target_mask()[rows.main]))
+        sums.update({key: value for key, value in update.items() if key != "grad_norm"})
+    lengths = {"response_lengths": main_lengths.long().tolist()} if with_lengths else {}
+    metrics = reduce_metrics(sums, maxima, is_contributing=is_last_stage, concatenated=lengths)
+    tokens = max(metrics.get("tokens", 0.0), 1.0)
+    main_total = max(metrics["main_rows"], 1.0)
+    result = {
+        "step": step,
+        "reward_mean": metrics.get("reward_total_sum", float("nan")) / main_total,
+        "reward_std": _std(metrics.get("reward_total_sum"), metrics.get("reward_total_sq_sum"), main_total),
+        "loss": metrics.get("policy_loss_sum", float("nan")) / tokens,
+        "response_length_mean": metrics["response_length_sum"] / main_total,
+        "response_length_max": metrics["response_length_max"],
+        "query_response_length_mean": metrics["query_response_length_sum"] / max(metrics["groups"], 1.0),
+        "truncation_rate": metrics["truncated"] / main_total,
+        "advantage_mean": metrics.get("advantage_sum", float("nan")) / main_total,
+        "advantage_std": _std(metrics.get("advantage_sum"), metrics.get("advantage_sq_sum"), main_total),
+        "advantage_abs_max": metrics.get("advantage_abs_max", float("nan")),
+        "clip_fraction": metrics.get("clipped", float("nan")) / tokens,
+        "dual_clip_fraction": metrics.get("dual_clipped", float("nan")) / tokens,
+        "logprob_mismatch": metrics.get("logprob_mismatch_sum", float("nan")) / tokens,
+        "grad_norm": update["grad_norm"],
+        "lr": lr,
+    }
+    for term in ("pos", "neg", "clust", "cross"):
+        result[f"reward_{term}_mean"] = metrics.get(f"reward_{term}_sum", float("nan")) / main_total
+    variance = metrics.get("advantage_var_sum", 0.0)
+    for term in ADVANTAGE_SHARE_TERMS:  # NaN when no group had any spread
+        result[f"advantage_share_{term}"] = (metrics.get(f"advantage_cov_{term}_sum", float("nan")) / variance
+                                             if variance > 0 else float("nan"))
+    if objective.kl_coef > 0:
+        result["kl"] = metrics.get("kl_sum", float("nan")) / tokens
+    if objective.entropy_coef > 0:
+        result["entropy"] = metrics.get("entropy_sum", float("nan")) / tokens
+    result["rollout_tokens_per_s"] = metrics["rollout_tokens"] / max(timings["rollout"], 1e-9)
+    result.update(throughput_metrics(timings, metrics, update_tokens=tokens))
+    if "response_lengths" in metrics:
+        result["response_lengths"] = metrics["response_lengths"]
+    return result
+
+
+def contrastive_step_metrics(step: int, batch, loss_metrics: dict, grad_norm: float, timings: dict, *,
+                             micro_batch_size: int, is_last_stage: bool, lr: float) -> dict:
+    """A contrastive baseline step's metrics (:mod:`megatron_grace.contrastive`), reduced over data-parallel ranks;
+    the response length and truncation are 0 (no rationale), so curves and the report read like GRACE's."""
+    computed, real = map(float, batch.token_counts(micro_batch_size))
+    # The update runs over the same micro-batches as the forward.
+    sums = {**loss_metrics, "forward_tokens": computed, "forward_real_tokens": real, "update_tokens": computed,
+            "update_real_tokens": real}
+    totals = reduce_metrics(sums, {}, is_contributing=is_last_stage)
+    metrics = {"step": step, "loss": totals.get("loss", float("nan")),
+               "reward_pos_mean": totals.get("positive_cos", float("nan")),
+               "negative_cos_mean": totals.get("negative_cos", float("nan")),
+               "top1_accuracy": totals.get("top1_accuracy", float("nan")),
+               "response_length_mean": 0.0, "truncation_rate": 0.0, "grad_norm": grad_norm, "lr": lr}
+    metrics.update(throughput_metrics(timings, totals, update_tokens=totals["update_real_tokens"]))
+    return metrics
+
+
+def throughput_metrics(timings: dict, totals: dict, *, update_tokens: float) -> dict:
+    """Phase times, tokens per second and padding shares from step totals summed over ranks (``forward_tokens`` /
+    ``forward_real_tokens``: computed / real tokens of the one-pass forward, and the same ``update_*`` of the
+    update); ``update_tokens``: the tokens the update's loss covers."""
+    result = {f"time_{phase}_s": seconds for phase, seconds in timings.items()}
+    result["seconds_per_step"] = sum(timings.values())
+    result["forward_tokens_per_s"] = totals["forward_tokens"] / max(timings["forward"], 1e-9)
+    result["padding_share_forward"] = 1.0 - totals["forward_real_tokens"] / totals["forward_tokens"]
+    if totals.get("update_tokens"):
+        result["padding_share_update"] = 1.0 - totals["update_real_tokens"] / totals["update_tokens"]
+    result["update_tokens_per_s"] = update_tokens / max(timings["update"], 1e-9)
+    # Throughput as verl reports it: every real (prompt + rationale) token of the step, all ranks, per second.
+    result["tokens_per_s"] = totals["forward_real_tokens"] / max(result["seconds_per_step"], 1e-9)
+    result["peak_memory_gb"] = _peak_memory_gb()
+    return result
+
+
+def _std(total, squares, count) -> float:
+    if total is None or squares is None:
+        return float("nan")
+    return math.sqrt(max(squares / count - (total / count) ** 2, 0.0))
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB

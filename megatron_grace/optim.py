@@ -1,13 +1,14 @@
 """Megatron DDP + distributed optimizer for the policy, wired into the model config the way Megatron-LM's training
-loop does (gradient finalisation with per-token loss scaling, loss scaling for fp16, no-sync for micro-batches)."""
+loop does (gradient finalisation with per-token loss scaling, loss scaling for fp16, no-sync for micro-batches), and
+the learning-rate schedule."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from .config import OptimConfig
 
 
 def _fix_torch_adamw_checkpoint_loading() -> None:
@@ -42,19 +43,12 @@ def _fix_torch_adamw_checkpoint_loading() -> None:
     DistributedOptimizer._grace_adamw_patch = True
 
 
-@dataclass
-class OptimizerSettings:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
+ADAM_EPS = 1e-8  # Megatron-LM's --adam-eps default; not a flag here
 
 
-def wrap_for_training(model, settings: OptimizerSettings):
-    """Wrap one model stage in Megatron DDP and build the (distributed) AdamW optimizer.
+def wrap_for_training(model, optim: OptimConfig, *, use_distributed_optimizer: bool = True):
+    """Wrap one model stage in Megatron DDP and build the (distributed) AdamW optimizer from ``optim`` (``--lr``,
+    ``--weight-decay``, ``--adam-beta1/2``, ``--clip-grad``).
 
     Losses are sums over tokens and ``num_tokens`` is returned from the loss function
     (``calculate_per_token_loss``): Megatron then divides gradients by the token count of the whole mini-batch, summed
@@ -65,23 +59,23 @@ def wrap_for_training(model, settings: OptimizerSettings):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     optimizer_config = OptimizerConfig(
         optimizer="adam",
-        lr=settings.lr,
-        min_lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        adam_beta1=settings.adam_beta1,
-        adam_beta2=settings.adam_beta2,
-        adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad,
+        lr=optim.lr,
+        min_lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=ADAM_EPS,
+        clip_grad=optim.clip_grad,
         bf16=config.bf16,
         fp16=config.fp16,
         params_dtype=config.params_dtype,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -127,6 +121,14 @@ def optimizer_step(ddp_model, optimizer) -> tuple[bool, float | None]:
 def zero_grads(ddp_model, optimizer) -> None:
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+def learning_rate(optim: OptimConfig, optimizer_steps: int) -> float:
+    """The schedule: linear warm-up over ``--lr-warmup-iters`` optimizer steps, then constant ``--lr`` (the
+    paper's). ``optimizer_steps``: the steps already taken."""
+    warmup = optim.lr_warmup_iters
+    scale = min(1.0, (optimizer_steps + 1) / warmup) if warmup > 0 else 1.0
+    return optim.lr * scale
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

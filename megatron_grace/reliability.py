@@ -6,7 +6,6 @@
 * :func:`check_save_location`: ``--save`` must be writable and have room for a checkpoint before training starts.
 * :class:`StallWatchdog`: a thread per rank that ends the job when one stage of a step (rollout, forward, reward,
   update, save) runs longer than ``--distributed-timeout-minutes``, naming the stage, instead of waiting forever.
-* :func:`check_before_launch`: TP/PP against the model's heads and layers, before the distributed start-up.
 
 The fault-injection tests trip these guards through :mod:`megatron_grace.faults`.
 """
@@ -180,23 +179,3 @@ class StallWatchdog:
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(self.EXIT_CODE)
-
-
-# ---------------------------------------------------------------------------------------------------- config
-def check_before_launch(args) -> None:
-    """Flags of this module, and TP/PP against the model's heads and layers read from ``config.json``: before any
-    process group or model exists (without ``--hf-model`` the model builder checks the layout later)."""
-    for flag, value in (("--max-nonfinite-steps", args.max_nonfinite_steps),
-                        ("--distributed-timeout-minutes", args.distributed_timeout_minutes)):
-        if value <= 0:
-            raise SystemExit(f"error: {flag} must be positive, got {value}")
-    if not args.hf_model:
-        return
-    from .models import architecture_from_hf_dir
-
-    arch = architecture_from_hf_dir(args.hf_model)
-    try:
-        arch.check_tensor_parallel(args.tensor_model_parallel_size)
-        arch.check_pipeline_parallel(args.pipeline_model_parallel_size)
-    except ValueError as error:
-        raise SystemExit(f"error: {error} ({args.hf_model})") from None

@@ -7,12 +7,11 @@ the gathered rows are already group-major.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from .config import ObjectiveConfig
 from .grpo import apply_length_penalty, group_advantages
 from .kernels import grace_rewards
 from .kernels.grace_rewards import REWARD_TERMS, term_weights
@@ -20,16 +19,6 @@ from .kernels.grace_rewards import REWARD_TERMS, term_weights
 
 # The parts of a reward whose share of the advantage variance is logged (advantage_share_<term>).
 ADVANTAGE_SHARE_TERMS = ("pos", "neg", "clust", "cross", "length")
-
-
-@dataclass
-class RewardSettings:
-    mode: str = "supervised"
-    variant: str = "code"
-    temperature: float = 0.1
-    clustering_weight: float = 0.2
-    cross_group_weight: float = 0.2
-    length_penalty: float = -1.0
 
 
 def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,8 +33,9 @@ def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor | None,
-                    truncated: torch.Tensor, group_size: int, settings: RewardSettings) -> dict[str, torch.Tensor]:
-    """Rewards of this rank's main rollouts.
+                    truncated: torch.Tensor, group_size: int, objective: ObjectiveConfig, *,
+                    mode: str) -> dict[str, torch.Tensor]:
+    """Rewards of this rank's main rollouts (``mode``: ``--train-mode``; the reward flags from ``objective``).
 
     ``main`` [G·K, H], ``query`` [G, H], ``negatives`` [G, M, H] or None, ``truncated`` [G·K] bool: this rank's rows.
     Returns float32 [G·K] tensors: ``total`` (length penalty applied) and the raw terms pos/neg/clust/cross.
@@ -56,21 +46,21 @@ def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Te
     global_negatives = None
     if negatives is not None:
         global_negatives = all_gather_data_parallel(negatives)
-        if settings.variant == "code":  # exactly one negative per query; paper and per-rollout take all of them
+        if objective.reward_variant == "code":  # exactly one negative per query; paper and per-rollout take all of them
             global_negatives = global_negatives[:, 0]
-    terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=settings.mode,
-                          variant=settings.variant, temperature=settings.temperature,
-                          clustering_weight=settings.clustering_weight,
-                          cross_group_weight=settings.cross_group_weight)
+    terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=mode,
+                          variant=objective.reward_variant, temperature=objective.reward_temperature,
+                          clustering_weight=objective.clustering_weight,
+                          cross_group_weight=objective.cross_group_weight)
     offset = parallel_state.get_data_parallel_rank() * local_rows
     local = {name: terms[name][offset: offset + local_rows] for name in REWARD_TERMS}
     local["total"] = apply_length_penalty(local["total"], truncated.to(local["total"].device),
-                                          settings.length_penalty)
+                                          objective.length_penalty)
     return local
 
 
 def advantage_variance_sums(rewards: dict[str, torch.Tensor], truncated: torch.Tensor, group_size: int,
-                            settings: RewardSettings) -> dict[str, float]:
+                            objective: ObjectiveConfig, *, mode: str) -> dict[str, float]:
     """How much of the GRPO advantage each reward term carries, as sums to reduce over ranks.
 
     The reward of a row is written as the sum of contributions: weight · term for every term on every row, plus, for
@@ -79,11 +69,11 @@ def advantage_variance_sums(rewards: dict[str, torch.Tensor], truncated: torch.T
     share is cov(centred contribution_t, advantage) / var(advantage): the shares add up to one, and a term that is
     constant within every group (neg and cross in the code and paper variants) has share exactly 0, whatever the
     truncation. Returns ``advantage_cov_<term>_sum`` per term (and ``length``) and ``advantage_var_sum``."""
-    weights = term_weights(settings.mode, settings.variant, settings.temperature, settings.clustering_weight,
-                           settings.cross_group_weight)
+    weights = term_weights(mode, objective.reward_variant, objective.reward_temperature,
+                           objective.clustering_weight, objective.cross_group_weight)
     truncated = truncated.to(rewards["pos"].device)
     contributions = {name: weight * rewards[name].double() for name, weight in weights.items()}
-    contributions["length"] = torch.where(truncated, settings.length_penalty - sum(contributions.values()), 0.0)
+    contributions["length"] = torch.where(truncated, objective.length_penalty - sum(contributions.values()), 0.0)
     centred = {name: group_advantages(values, group_size) for name, values in contributions.items()}
     advantage = sum(centred.values())
     sums = {f"advantage_cov_{name}_sum": float((values * advantage).sum()) for name, values in centred.items()}

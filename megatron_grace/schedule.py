@@ -46,7 +46,7 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
     embedding (layer 0) and before every decoder layer, so two runs over the same micro-batches draw the same dropout
     masks whatever the pipeline layout (each stage seeds its own layers by their global number); the generator's
     state is restored afterwards. Hidden dropout draws from the default generator when sequence parallelism is off
-    (the only case it is allowed: see :func:`~megatron_grace.arguments.validate_args`)."""
+    (the only case it is allowed: see :meth:`~megatron_grace.config.GraceConfig.validate`)."""
     if dropout_seed is not None:
         with _replayed_dropout(unwrap(model), dropout_seed) as start_microbatch:
             return _run_microbatches(model, microbatches, loss_fn, forward_only, need_logits, start_microbatch)

@@ -18,7 +18,8 @@ from megatron_grace.experience import one_pass_forward, pool_hidden
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights
-from megatron_grace.optim import OptimizerSettings, wrap_for_training
+from megatron_grace.config import OptimConfig
+from megatron_grace.optim import wrap_for_training
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.schedule import run_microbatches
 from megatron_grace.testing import save_tiny_hf_model
@@ -55,7 +56,7 @@ def _megatron_model(hf_dir, hidden_dropout=0.0):
     arch = architecture_from_hf_dir(hf_dir)
     model = build_gpt_model(arch, make_transformer_config(arch, hidden_dropout=hidden_dropout))
     load_hf_weights(model, hf_dir, arch)
-    ddp_model, _ = wrap_for_training(model, OptimizerSettings())
+    ddp_model, _ = wrap_for_training(model, OptimConfig())
     return arch, ddp_model
 
 

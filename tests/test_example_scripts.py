@@ -7,10 +7,11 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from megatron_grace.arguments import parse_args, validate_args
+from megatron_grace.config import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs"
@@ -23,6 +24,12 @@ SHELL_SCRIPTS = sorted([*REPO.glob("examples/**/*.sh"), *REPO.glob("examples/**/
 BASH = shutil.which("bash")
 
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+
+
+def parsed(argv: list[str]) -> SimpleNamespace:
+    """Every flag's value after parsing (``GraceConfig.flat()``), and ``.config``: the config tree."""
+    config = parse_args(argv)
+    return SimpleNamespace(**config.flat(), config=config)
 
 
 def config_args(config: Path, **env) -> list[str]:
@@ -56,7 +63,7 @@ def test_all_paper_backbones_have_a_config():
 
 @pytest.mark.parametrize("config", GRACE_CONFIGS, ids=lambda path: path.name)
 def test_config_has_the_spec_values_and_a_valid_layout(config):
-    args = parse_args(config_args(config))
+    args = parsed(config_args(config))
     # Hyperparameters from docs/algorithm.md.
     assert (args.global_batch_size, args.rollout_n, args.ppo_mini_batch_size, args.ppo_epochs) == (64, 8, 16, 1)
     assert (args.max_prompt_length, args.max_response_length) == (1024, 2048)
@@ -72,7 +79,7 @@ def test_config_has_the_spec_values_and_a_valid_layout(config):
     # The layout the README promises: one and two 8-GPU nodes (TP2 configs also four) pass the trainer's checks.
     nodes = (1, 2, 4) if args.tensor_model_parallel_size == 2 else (1, 2)
     for node_count in nodes:
-        validate_args(args, world_size=8 * node_count)
+        args.config.validate(world_size=8 * node_count, read_model_config=False)
 
 
 def test_baseline_configs_share_one_set_of_settings():
@@ -80,10 +87,10 @@ def test_baseline_configs_share_one_set_of_settings():
     unsupervised sentences, both from BASELINE_PAPER_ARGS (paper_defaults.sh) and the GRACE configs' model and data."""
     assert {path.name for path in BASELINE_CONFIGS} == {"qwen2.5-1.5b-instruct-infonce.sh",
                                                          "qwen2.5-1.5b-instruct-simcse.sh"}
-    grace = {mode: parse_args(config_args(CONFIG_DIR / name)) for mode, name in
+    grace = {mode: parsed(config_args(CONFIG_DIR / name)) for mode, name in
              (("supervised", "qwen2.5-1.5b-instruct.sh"), ("unsupervised", "qwen2.5-1.5b-instruct-unsup.sh"))}
     for config in BASELINE_CONFIGS:
-        args = parse_args(config_args(config))
+        args = parsed(config_args(config))
         algorithm = "infonce" if "infonce" in config.name else "simcse"
         assert args.algorithm == algorithm
         assert args.train_mode == ("supervised" if algorithm == "infonce" else "unsupervised")
@@ -94,13 +101,13 @@ def test_baseline_configs_share_one_set_of_settings():
         assert (args.hf_model, args.train_data) == (grace[args.train_mode].hf_model, grace[args.train_mode].train_data)
         assert args.save == args.load and args.save.startswith(f"runs/{algorithm}-")
         for node_count in (1, 2):
-            validate_args(args, world_size=8 * node_count)
+            args.config.validate(world_size=8 * node_count, read_model_config=False)
 
 
 def test_config_paths_follow_the_environment(tmp_path):
     argv = config_args(CONFIG_DIR / "qwen2.5-3b-instruct.sh", HF_MODEL="/models/qwen 3b", TRAIN_DATA="/d/t.jsonl",
                        SAVE_DIR=str(tmp_path / "run dir"), WANDB_PROJECT="grace")
-    args = parse_args(argv)
+    args = parsed(argv)
     assert args.hf_model == "/models/qwen 3b" and args.train_data == "/d/t.jsonl"
     assert args.save == args.load == str(tmp_path / "run dir")
     assert args.export_hf == str(tmp_path / "run dir" / "hf")
@@ -150,7 +157,7 @@ def test_sbatch_launches_one_torchrun_per_node_with_rendezvous(tmp_path):
     assert train_argv[:len(config_args(CONFIG_DIR / "qwen3-4b-instruct-2507.sh"))] == \
         config_args(CONFIG_DIR / "qwen3-4b-instruct-2507.sh")
     assert train_argv[-4:] == ["--train-iters", "7", "--wandb-exp-name", "my run"]  # passthrough, last so it wins
-    assert parse_args(train_argv).train_iters == 7
+    assert parsed(train_argv).train_iters == 7
 
     log_dir = tmp_path / "logs" / "grace-4242"
     launch = (log_dir / "launch.txt").read_text()
@@ -172,21 +179,21 @@ def test_sbatch_dry_run_and_errors(tmp_path):
 
 def test_command_line_overrides_what_a_config_turns_on_and_where_it_writes(tmp_path):
     """Flags after the config's (the launchers pass "$@" last): --no-bf16 turns bf16 off, and a later --save moves
-    the HF export (and TensorBoard's default, <save>/tensorboard, which metrics.py derives from args.save)."""
+    the HF export (and TensorBoard's default, <save>/tensorboard, which metrics.py derives from --save)."""
     from megatron_grace.metrics import tensorboard_dir
 
     config = CONFIG_DIR / "qwen2.5-1.5b-instruct.sh"
-    default = parse_args(config_args(config))
+    default = parsed(config_args(config))
     assert default.bf16 and default.export_hf == str(Path(default.save) / "hf")
     moved = tmp_path / "elsewhere"
-    args = parse_args([*config_args(config), "--no-bf16", "--save", str(moved)])
+    args = parsed([*config_args(config), "--no-bf16", "--save", str(moved)])
     assert not args.bf16
-    assert args.export_hf == str(moved / "hf") and tensorboard_dir(args) == moved / "tensorboard"
-    explicit = parse_args([*config_args(config), "--save", str(moved), "--export-hf", str(tmp_path / "hf"),
+    assert args.export_hf == str(moved / "hf") and tensorboard_dir(args.config.logging, args.save) == moved / "tensorboard"
+    explicit = parsed([*config_args(config), "--save", str(moved), "--export-hf", str(tmp_path / "hf"),
                            "--tensorboard-dir", str(tmp_path / "tb")])
-    assert explicit.export_hf == str(tmp_path / "hf") and tensorboard_dir(explicit) == tmp_path / "tb"
+    assert explicit.export_hf == str(tmp_path / "hf") and tensorboard_dir(explicit.config.logging, explicit.save) == tmp_path / "tb"
 
 
 def test_export_under_save_needs_save():
     with pytest.raises(SystemExit, match="--export-hf without a folder exports under --save"):
-        validate_args(parse_args(["--export-hf"]), world_size=1)
+        parse_args(["--export-hf"]).validate(world_size=1)

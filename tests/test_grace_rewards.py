@@ -206,7 +206,8 @@ def shares_by_hand(terms, truncated, group_size, weights, penalty):
 @pytest.mark.parametrize("variant", ["code", "per-rollout"])
 def test_advantage_shares_add_up_and_show_the_cancellation(variant):
     from megatron_grace.kernels.grace_rewards import term_weights
-    from megatron_grace.reward import ADVANTAGE_SHARE_TERMS, RewardSettings, advantage_variance_sums
+    from megatron_grace.config import ObjectiveConfig
+    from megatron_grace.reward import ADVANTAGE_SHARE_TERMS, advantage_variance_sums
 
     num_groups, group_size = 3, 4
     main, query, negative = random_inputs(num_groups, group_size, 3, 16, torch.float64)
@@ -214,8 +215,8 @@ def test_advantage_shares_add_up_and_show_the_cancellation(variant):
         negative = negative[:, 0]
     terms = torch_path(main, query, negative, group_size=group_size, variant=variant)
     truncated = torch.tensor([False, True, False, False, False, False, True, False, False, False, False, False])
-    settings = RewardSettings(variant=variant, length_penalty=-1.0)
-    sums = advantage_variance_sums(terms, truncated, group_size, settings)
+    objective = ObjectiveConfig(reward_variant=variant, length_penalty=-1.0)
+    sums = advantage_variance_sums(terms, truncated, group_size, objective, mode="supervised")
     shares = {name: sums[f"advantage_cov_{name}_sum"] / sums["advantage_var_sum"] for name in ADVANTAGE_SHARE_TERMS}
     weights = term_weights("supervised", variant, 0.1, 0.2, 0.2)
     expected = shares_by_hand(terms, truncated.tolist(), group_size, weights, -1.0)

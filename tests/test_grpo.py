@@ -6,7 +6,7 @@ import torch
 
 from megatron_grace.data.prompts import Prompt
 from megatron_grace.experience import SequenceBatch
-from megatron_grace.grpo import (ClipSettings, apply_length_penalty, group_advantages, low_var_kl,
+from megatron_grace.grpo import (apply_length_penalty, group_advantages, low_var_kl,
                                  ppo_clipped_token_losses, vocab_parallel_entropy)
 from megatron_grace.rollout import Rollout, row_seed
 
@@ -31,7 +31,7 @@ def test_ppo_clipped_loss_with_dual_clip_by_hand():
     ratios = torch.tensor([1.5, 0.5, 1.5, 5.0, 0.5])
     advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0])
     losses, clipped, dual = ppo_clipped_token_losses(torch.log(ratios), torch.zeros(5), advantages,
-                                                     ClipSettings(0.2, 0.2, 3.0))
+                                                     clip_low=0.2, clip_high=0.2, dual_clip_c=3.0)
     # A>0: max(-1.5, -1.2) = -1.2 (clipped); max(-0.5, -0.8) = -0.5.
     # A<0: max(1.5, 1.2) = 1.5; max(5, 1.2) = 5 capped at c·|A| = 3 (dual clip); max(0.5, 0.8) = 0.8 (clipped).
     assert losses.tolist() == pytest.approx([-1.2, -0.5, 1.5, 3.0, 0.8], abs=1e-6)

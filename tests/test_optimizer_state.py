@@ -12,7 +12,8 @@ import torch
 from megatron_grace.checkpointing import load_checkpoint, save_checkpoint
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
-from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
+from megatron_grace.config import OptimConfig
+from megatron_grace.optim import optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed, seed_everything
 from megatron_grace.testing import tiny_hf_model
 
@@ -73,7 +74,7 @@ def world_of_one():
 def build(arch):
     seed_everything(0)
     model = build_gpt_model(arch, make_transformer_config(arch))
-    return wrap_for_training(model, OptimizerSettings(lr=1e-3))
+    return wrap_for_training(model, OptimConfig(lr=1e-3))
 
 
 def update(model, optimizer, seed: int) -> None:

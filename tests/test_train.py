@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_grace.testing import LAYOUT_DEPENDENT_METRICS, run_torchrun, save_tiny_hf_model
 
@@ -28,7 +29,7 @@ def train_results(tmp_path_factory, smollm2_tokenizer_dir):
     unsupervised = work / "unsupervised.txt"
     unsupervised.write_text("".join((DATA / "train_unsupervised.txt").read_text().splitlines(True)[:32]))
     run_torchrun(WORKER, model, supervised, unsupervised, work, nproc=4)
-    return json.loads((work / "results.json").read_text())
+    return {**json.loads((work / "results.json").read_text()), "work": str(work)}
 
 
 def assert_metrics_close(actual: dict, expected: dict, rel: float, *, across_layouts: bool = False) -> None:
@@ -64,6 +65,26 @@ def test_rewards_and_updates_are_real(train_results):
 def test_tp2pp2_matches_tp1pp1(train_results):
     for ours, reference in zip(train_results["tp2pp2"], train_results["tp1pp1"]):
         assert_metrics_close(ours, reference, rel=1e-4, across_layouts=True)
+
+
+def test_export_of_the_live_model_equals_the_checkpoint_conversion(train_results, tmp_path):
+    """``--export-hf`` gathers the TP2PP2 model of the running job to rank 0 (TP shards, fused gate/up, pipeline
+    stages, tied output layer); converting the same step's checkpoint with ``tools/convert_hf.py`` must give the
+    same HF folder, every tensor bit-identical."""
+    from safetensors.torch import load_file
+
+    from tools.convert_hf import main as convert
+
+    work = Path(train_results["work"])
+    converted = tmp_path / "converted"
+    convert(["mcore-to-hf", "--load", str(work / "run" / "iter_0000003"), "--save", str(converted)])
+    exported = load_file(work / "export_tp2pp2" / "model.safetensors")
+    expected = load_file(converted / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (work / "export_tp2pp2" / name).read_text() == (converted / name).read_text(), name
 
 
 def test_resume_is_exact(train_results):

@@ -14,44 +14,11 @@
 # Model size, parallel layout, data and output paths are per config; anything here can be overridden by passing the
 # flag again on the command line (the launch scripts put "$@" last and the last occurrence of a flag wins).
 
+# The trainer's defaults (megatron_grace/config.py) are the paper's settings above; this array holds only what a paper
+# run sets differently from them (tests/test_config.py checks that nothing here repeats a default).
 # shellcheck disable=SC2034  # read by the config that sources this file
 GRACE_PAPER_ARGS=(
-    # --- batch: prompts, not sequences; each prompt gives --rollout-n trained sequences
-    --global-batch-size 64
-    --rollout-n 8
-    --ppo-mini-batch-size 16
-    --train-iters 1000
-
-    # --- lengths (tokens)
-    --max-prompt-length 1024
-    --max-response-length 2048
-
-    # --- optimizer (no schedule flag: the paper keeps lr constant)
-    --lr 1e-6
-    --weight-decay 0.01
-    --clip-grad 1.0
     --bf16
-
-    # --- reward: R = (pos + neg)/tau + lambda1 * clust/tau + lambda2 * cross/tau (supervised, code variant)
-    --reward-variant code
-    --reward-temperature 0.1
-    --clustering-weight 0.2
-    --cross-group-weight 0.2
-
-    # --- policy loss: PPO clip with dual clip; no KL, no entropy bonus. --norm-adv-by-std is left off on purpose.
-    --clip-ratio-low 0.2
-    --clip-ratio-high 0.2
-    --clip-ratio-c 3.0
-    --kl-coef 0.0
-    --entropy-coef 0.0
-
-    # --- sampling temperatures
-    --rollout-temperature 1.0
-    --query-temperature 0.5
-
-    # --- bookkeeping
-    --seed 42
-    --log-interval 1
     --save-interval 100
     --sample-interval 50
 )
@@ -97,18 +64,13 @@ grace_paper_config() {
 #   optimizer     AdamW, lr 1e-5 constant, weight decay 0.01, grad clip 1.0, bf16
 #   loss          InfoNCE with cosine similarity, temperature 0.05 (SimCSE's); SimCSE: hidden dropout 0.1
 #   lengths       max prompt 1024 tokens, as GRACE
+# Only the flags that differ from the trainer's defaults (1000 steps, max prompt 1024, weight decay, clipping and τ
+# 0.05 are the defaults).
 # shellcheck disable=SC2034  # read by the config that sources this file
 BASELINE_PAPER_ARGS=(
     --global-batch-size 256
-    --train-iters 1000
-    --max-prompt-length 1024
     --lr 1e-5
-    --weight-decay 0.01
-    --clip-grad 1.0
     --bf16
-    --contrastive-temperature 0.05
-    --seed 42
-    --log-interval 1
     --save-interval 100
 )
 

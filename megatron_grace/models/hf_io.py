@@ -88,3 +88,21 @@ def save_hf_model(save_dir: str | Path, arch: ModelArchitecture, state: dict[str
             raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}")
         for name in copied:
             shutil.copy2(Path(tokenizer_dir) / name, save_dir / name)
+
+
+def eos_token_ids(hf_dir: str | Path, tokenizer, arch: ModelArchitecture) -> list[int]:
+    """End-of-response ids: the generation config's (chat models end turns with it), the config's and the
+    tokenizer's."""
+    ids: set[int] = set()
+    generation_config = Path(hf_dir) / "generation_config.json"
+    sources = [arch.eos_token_id, tokenizer.eos_token_id]
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if not ids:
+        raise ValueError(f"no EOS token id in {hf_dir} (config, generation_config or tokenizer)")
+    return sorted(ids)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_grace.arguments import parse_args
+from megatron_grace.config import parse_args
 from megatron_grace.checkpointing import CheckpointError, iteration_dir, read_latest_iteration, verify_manifest
 from megatron_grace.data.dataset import DataError
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
@@ -119,7 +119,7 @@ def degenerate_and_full_disk_checks(never_ending_model: str, out: Path) -> dict:
     run = trainer("--save", str(save), "--max-response-length", "2", model=never_ending_model)
     results = {"plain": stable_metrics(run.train_step())}
     run.save()
-    run.args.norm_adv_by_std = True
+    run.config = run.config.replace(norm_adv_by_std=True)
     results["std_normalised"] = stable_metrics(run.train_step())
     os.environ["GRACE_FAULT_ENOSPC"] = "2"
     results["enospc_error"] = error_of(run.save)

@@ -32,7 +32,8 @@ from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights, save_hf_model
 from megatron_grace.models.state_dict import mcore_to_hf
-from megatron_grace.optim import OptimizerSettings, optimizer_step, wrap_for_training, zero_grads
+from megatron_grace.config import OptimConfig
+from megatron_grace.optim import optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.schedule import run_microbatches
 from megatron_grace.testing import FAMILIES, tiny_hf_model
@@ -105,7 +106,7 @@ def logits_parity(results: dict) -> None:
 def train_losses(hf_model, tp, pp, dtype, sequence_parallel, tokens, loss_mask, save_dir=None):
     set_layout(tp, pp)
     model, arch = build_loaded(hf_model, dtype, sequence_parallel)
-    ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3, weight_decay=0.01, clip_grad=1.0))
+    ddp_model, optimizer = wrap_for_training(model, OptimConfig(lr=1e-3, weight_decay=0.01, clip_grad=1.0))
 
     def lm_loss(batch, output):
         log_probs = output.log_probs
@@ -175,7 +176,7 @@ def trimmed_microbatches(results: dict) -> None:
     for tp, pp in ((1, 1), (2, 2)):
         set_layout(tp, pp)
         model, _ = build_loaded(hf_model)
-        ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3))
+        ddp_model, optimizer = wrap_for_training(model, OptimConfig(lr=1e-3))
         measured = {}
         for trimmed in (False, True):
             experience = one_pass_forward(ddp_model, batch, 2, length_trimmed=trimmed)

@@ -2,7 +2,7 @@
 
 1. two steps at TP1PP1 (DP4) and at TP2PP2 (DP1): same rollouts, rewards and losses;
 2. exact resume: 3 steps at TP2PP2 with a checkpoint after step 2, then a fresh trainer resumed from it at TP2PP2
-   (identical step 3) and at TP1PP1 (step 3 equal to float tolerance);
+   (identical step 3) and at TP1PP1 (step 3 equal to float tolerance); the 3-step run's HF export of the live model;
 3. unsupervised mode at TP2 with sequence parallelism (pooling from sequence shards);
 4. KL (reference model) and entropy terms at TP2PP2; the per-rollout reward variant;
 5. the contrastive baselines: InfoNCE at TP1PP1 (DP4) and TP2PP2 (DP1) and its resume, SimCSE at TP1PP4 and TP2PP2.
@@ -21,13 +21,14 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_grace.arguments import parse_args
+from megatron_grace.config import parse_args
+from megatron_grace.models.convert import export_to_hf
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.testing import cuda_backend_on_cpu, stable_metrics
 from megatron_grace.train import GraceTrainer
 
 
-def run(tp: int, pp: int, *extra: str, sequence_parallel: bool = False) -> list[dict]:
+def run(tp: int, pp: int, *extra: str, sequence_parallel: bool = False, export: Path | None = None) -> list[dict]:
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_everything(1234)
@@ -38,12 +39,10 @@ def run(tp: int, pp: int, *extra: str, sequence_parallel: bool = False) -> list[
     if sequence_parallel:
         flags.append("--sequence-parallel")
     trainer = GraceTrainer(parse_args(flags))
-    history = []
-    while trainer.iteration < trainer.args.train_iters:
-        history.append(trainer.train_step())
-        if trainer.args.save_interval and trainer.iteration % trainer.args.save_interval == 0:
-            trainer.save()
-    return [stable_metrics(m) for m in history]
+    history = [stable_metrics(m) for m in trainer.steps()]
+    if export is not None:  # --export-hf's path: the live model, gathered from its TP/PP ranks
+        export_to_hf(trainer.model, trainer.arch, export, tokenizer_dir=trainer.hf_dir)
+    return history
 
 
 def main() -> None:
@@ -53,7 +52,8 @@ def main() -> None:
     results = {
         "tp1pp1": run(1, 1, "--train-iters", "2"),
         "tp2pp2": run(2, 2, "--train-iters", "2"),
-        "uninterrupted": run(2, 2, "--train-iters", "3", "--save", str(out / "run"), "--save-interval", "2"),
+        "uninterrupted": run(2, 2, "--train-iters", "3", "--save", str(out / "run"), "--save-interval", "2",
+                             export=out / "export_tp2pp2"),
     }
     # The uninterrupted run saved after steps 2 and 3; resume from step 2 (pointer rewound, as after a crash).
     if dist.get_rank() == 0:
