@@ -20,7 +20,7 @@ setup(
     description="GRACE (generative representation learning via contrastive policy optimisation) on Megatron-Core",
     python_requires=">=3.10",
     packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.cli",
-              "megatron_grace.kernels"],
+              "megatron_grace.eval", "megatron_grace.kernels"],
     # The same code as python -m megatron_grace.train and tools/*.py (megatron_grace/cli/__init__.py lists them).
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import free_port
+
 # 4 query heads in 2 KV groups: TP 1 and 2 divide both.
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512)
@@ -93,13 +95,10 @@ def cuda_backend_on_cpu() -> str:
 def run_torchrun(script: str | Path, *args: str, nproc: int = 4, timeout: float = 900) -> None:
     """Run ``script`` on ``nproc`` local ranks (gloo on CPU); raise with the tail of its output if it fails."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from megatron_grace.data.prompts import PromptBuilder
-from megatron_grace.encoder import GraceEncoder, model_fingerprint
+from megatron_grace.eval.encoder import GraceEncoder, model_fingerprint
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -78,7 +78,7 @@ def test_embeddings_equal_a_hand_computed_masked_mean(tiny_llama_dir, reference)
 
     with_rationale = encoder.encode(TEXTS, batch_size=3, max_new_tokens=10, seed=3)
     prompts = [builder.build(t) for t in TEXTS]
-    from megatron_grace.encoder import text_seed
+    from megatron_grace.eval.encoder import text_seed
 
     rationales = encoder.generate_rationales(prompts, max_new_tokens=10, temperature=1.0,
                                              seeds=[text_seed(3, t) for t in TEXTS])

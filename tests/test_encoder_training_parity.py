@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_grace.data.prompts import PromptBuilder
-from megatron_grace.encoder import GraceEncoder
+from megatron_grace.eval.encoder import GraceEncoder
 from megatron_grace.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config

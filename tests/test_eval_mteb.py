@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from megatron_grace import local_suite
+from megatron_grace.eval import local_suite
 from megatron_grace.cli import eval_mteb
-from megatron_grace.encoder import model_fingerprint
-from megatron_grace.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task, over_seeds,
-                                      local_tasks)
+from megatron_grace.eval.encoder import model_fingerprint
+from megatron_grace.eval.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task, over_seeds,
+                                           local_tasks)
 
 
 # One task of each kind, small enough for the tiny model to run in seconds.

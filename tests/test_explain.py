@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megatron_grace.cli import explain as explain_cli
-from megatron_grace.encoder import GraceEncoder, text_seed
+from megatron_grace.eval.encoder import GraceEncoder, text_seed
 
 TEXTS = ["a cat sat on the mat", "a kitten rests on a rug", "stock prices fell sharply"]
 SETTINGS = {"max_new_tokens": 6, "temperature": 1.0}

@@ -5,7 +5,6 @@ from pathlib import Path
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run in the interpreter
 
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 from megatron_grace.kernels import (all_reduce_masked_mean, masked_mean_pool, masked_mean_pool_reference,
                                     masked_sum_pool_partial)
 from megatron_grace.kernels.masked_mean_pool import masked_mean_pool_triton, use_triton
+from megatron_grace.utils import free_port
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -173,7 +173,4 @@ def _sequence_parallel_worker(rank, world_size, port):
 
 
 def test_partial_sums_all_reduce_on_two_gloo_ranks():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_sequence_parallel_worker, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_sequence_parallel_worker, args=(2, free_port()), nprocs=2, join=True)

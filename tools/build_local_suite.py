@@ -1,4 +1,4 @@
-"""Build the offline evaluation suite (see megatron_grace/local_suite.py) and print its folder.
+"""Build the offline evaluation suite (see megatron_grace/eval/local_suite.py) and print its folder.
 
     python tools/build_local_suite.py [--cache-dir DIR] [--training-data examples/data] [--sources-dir DIR]
 
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_grace import local_suite
+from megatron_grace.eval import local_suite
 
 
 def main(argv: list[str] | None = None) -> int:

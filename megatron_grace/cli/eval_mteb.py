@@ -4,7 +4,7 @@
         [--rationale | --no-rationale] [--max-new-tokens 2048] [--batch-size 16] [--limit N] --output DIR
 
 --tasks takes MTEB task names and presets: paper-56 (the paper's 56 English tasks), paper-16 (its ablation subset),
-local (the offline suite of megatron_grace/local_suite.py). Hub tasks need the Hugging Face Hub; when it is not
+local (the offline suite of megatron_grace/eval/local_suite.py). Hub tasks need the Hugging Face Hub; when it is not
 reachable the run stops before loading anything.
 
 Writes under DIR: results/<model>/<revision>/experiments/<settings>/<Task>.json (MTEB's result files), summary.md
@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     configure_console()
     args = parse_args(argv)
-    from megatron_grace.local_suite import DEFAULT_TRAINING_DATA
-    from megatron_grace.mteb_eval import HubUnreachable, resolve_tasks
+    from megatron_grace.eval.local_suite import DEFAULT_TRAINING_DATA
+    from megatron_grace.eval.mteb_eval import HubUnreachable, resolve_tasks
 
     try:
         tasks = resolve_tasks(args.tasks, args.cache_dir, args.training_data or DEFAULT_TRAINING_DATA)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import mteb
 
-    from megatron_grace.mteb_eval import (GraceMtebModel, collect_results, limit_task, run_label, summarise,
+    from megatron_grace.eval.mteb_eval import (GraceMtebModel, collect_results, limit_task, run_label, summarise,
                                          write_summary)
 
     logging.getLogger("mteb").setLevel(logging.WARNING)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-new-tokens must be at least 1")
     if any(not text.strip() for text in args.texts):
         parser.error("every TEXT must be non-empty")
-    from megatron_grace.encoder import GraceEncoder
+    from megatron_grace.eval.encoder import GraceEncoder
 
     encoder = GraceEncoder.from_pretrained(args.model, device=args.device, pooling=args.pooling)
     explanation = encoder.explain(args.texts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_grace.mteb_eval import LOCAL_TASK_NAMES, collect_results, local_tasks, summarise, write_summary
+from megatron_grace.eval.mteb_eval import LOCAL_TASK_NAMES, collect_results, local_tasks, summarise, write_summary
 
 METHODS = [  # (column, model folder name, rationale)
     ("Base", "smollm2-135m-instruct", False),

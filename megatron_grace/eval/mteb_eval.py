@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from megatron_grace import local_suite
-from megatron_grace.encoder import GraceEncoder
+from megatron_grace.eval import local_suite
+from megatron_grace.eval.encoder import GraceEncoder
 
 # The 56 English MTEB (v1) tasks the paper reports; the reference script lists 55 (CQADupstack as one task).
 PAPER_56 = (
@@ -134,7 +134,7 @@ def _local_metadata(name: str, task_type: str, main_score: str, description: str
 
 
 def _local_task_classes(cache_dir) -> list[type]:
-    """MTEB task classes that read the built local suite (see :mod:`megatron_grace.local_suite`)."""
+    """MTEB task classes that read the built local suite (see :mod:`megatron_grace.eval.local_suite`)."""
     from datasets import Dataset, DatasetDict
     from mteb.abstasks.classification import AbsTaskClassification
     from mteb.abstasks.clustering import AbsTaskClustering

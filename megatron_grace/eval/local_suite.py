@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import hashlib
 import html
 import json
 import random
@@ -38,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_grace.default_model import resolve_cache_dir
+from megatron_grace.utils import sha256_file
 
 SUITE_VERSION = 2
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRAINING_DATA = REPO_ROOT / "examples" / "data"
 HELDOUT_SYNSETS_FILE = "heldout_synsets.txt"
 TRAINING_FILES = ("train_supervised.jsonl", "train_unsupervised.txt")
@@ -395,7 +395,7 @@ def build_suite(cache_dir: str | Path | None = None, training_data: Path = DEFAU
     overlaps = TrainingOverlap(training_texts(training_data))
     manifest = {"suite_version": SUITE_VERSION, "seed": seed,
                 "sources": {"wordnet": f"debian:{WORDNET_DEB}", "brown": f"npm:{BROWN_NPM}", "spam": f"npm:{SPAM_NPM}"},
-                "training_data_sha256": {name: hashlib.sha256((training_data / name).read_bytes()).hexdigest()
+                "training_data_sha256": {name: sha256_file(training_data / name)
                                          for name in TRAINING_FILES + (HELDOUT_SYNSETS_FILE,)},
                 "tasks": {}}
     target = suite_dir(cache_dir)
@@ -423,7 +423,7 @@ def ensure_suite(cache_dir: str | Path | None = None, training_data: Path = DEFA
     manifest = folder / "manifest.json"
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())["training_data_sha256"]
-        current = {name: hashlib.sha256((training_data / name).read_bytes()).hexdigest()
+        current = {name: sha256_file(training_data / name)
                    for name in recorded if (training_data / name).is_file()}
         if current == recorded:
             return folder
