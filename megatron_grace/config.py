@@ -224,6 +224,20 @@ class GraceConfig:
         if read_model_config:
             self._check_layout_against_model()
 
+    def check_training_data(self, num_negatives: int) -> None:
+        """The checks that need the training file read (after :meth:`validate`): the negatives its rows carry.
+        Raises :class:`~megatron_grace.data.dataset.DataError` naming the file and the flag."""
+        from .data.dataset import DataError
+
+        objective, train_data = self.objective, self.data.train_data
+        if objective.algorithm == "infonce" and num_negatives == 0:
+            raise DataError(f"--algorithm infonce needs hard negatives: the rows of {train_data} have no "
+                            f"'negative' field")
+        if (objective.algorithm == "grace" and self.data.train_mode == "supervised"
+                and objective.reward_variant == "code" and num_negatives > 1):
+            raise DataError(f"--reward-variant code scores one negative per query, and the training data "
+                            f"({train_data}) has {num_negatives}: use --reward-variant paper or per-rollout")
+
     def _check_positive(self) -> None:
         positive = {**{name: getattr(self.training, name) for name in ("train_iters", "micro_batch_size",
                                                                       "max_nonfinite_steps")},

@@ -277,3 +277,11 @@ def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def rationale_samples(step: int, example, rollouts, rewards, tokenizer) -> list[dict]:
+    """``samples.jsonl`` records of one group: each main rationale, decoded, with its text and reward."""
+    return [{"step": step, "sample_id": example.sample_id, "rollout": index, "text": example.row.main,
+             "rationale": tokenizer.decode(rollout.response, skip_special_tokens=False),
+             "response_length": len(rollout.response), "reward": reward, "truncated": rollout.truncated}
+            for index, (rollout, reward) in enumerate(zip(rollouts, rewards))]

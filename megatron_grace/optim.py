@@ -1,6 +1,6 @@
 """Megatron DDP + distributed optimizer for the policy, wired into the model config the way Megatron-LM's training
 loop does (gradient finalisation with per-token loss scaling, loss scaling for fp16, no-sync for micro-batches), and
-the learning-rate schedule."""
+the learning-rate schedule; :class:`GuardedOptimizer` is what a training step calls."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from . import faults
 from .config import OptimConfig
+from .reliability import NonFiniteGuard
 
 
 def _fix_torch_adamw_checkpoint_loading() -> None:
@@ -134,3 +136,32 @@ def learning_rate(optim: OptimConfig, optimizer_steps: int) -> float:
 def set_learning_rate(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class GuardedOptimizer:
+    """The optimizer as a training step uses it: each update starts with the learning rate of the schedule and
+    zeroed gradient buffers, and is applied only if no loss and no gradient is NaN/Inf on any rank (checked before
+    ``optimizer.step()``, which clips with the grad norm and applies the update in one call)."""
+
+    def __init__(self, model, optimizer, optim: OptimConfig, nonfinite: NonFiniteGuard):
+        self.model, self.optimizer, self.optim, self.nonfinite = model, optimizer, optim, nonfinite
+        self.optimizer_steps = 0  # updates applied; the schedule's position, saved in the checkpoint
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def begin_update(self) -> None:
+        set_learning_rate(self.optimizer, learning_rate(self.optim, self.optimizer_steps))
+        zero_grads(self.model, self.optimizer)
+
+    def finish_update(self, step: int, outputs: list[dict]) -> tuple[bool, float]:
+        """After the forward/backward schedule whose per-micro-batch metrics are ``outputs``: the optimizer step,
+        unless something is non-finite. Returns (applied, grad norm; NaN when skipped)."""
+        faults.nonfinite("grad", step, next(self.model.parameters()).main_grad)
+        if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
+                and self.nonfinite.check_gradients(step, self.model)):
+            return False, float("nan")
+        _, grad_norm = optimizer_step(self.model, self.optimizer)
+        self.optimizer_steps += 1
+        return True, float("nan") if grad_norm is None else grad_norm

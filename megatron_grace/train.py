@@ -29,23 +29,23 @@ from . import faults
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import GraceConfig, parse_args
 from .contrastive import NO_RATIONALE, ContrastiveRows, contrastive_backward
-from .data.dataset import DataError, load_grace_dataset
+from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
 from .experience import SequenceBatch, one_pass_forward
-from .grpo import group_advantages, low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
-from .metrics import MetricsLogger, contrastive_step_metrics, grpo_step_metrics
+from .grpo import group_advantages
+from .metrics import MetricsLogger, contrastive_step_metrics, grpo_step_metrics, rationale_samples
 from .models import architecture_from_hf_dir
 from .models.builder import build_gpt_model, make_transformer_config
 from .models.convert import export_to_hf
 from .models.hf_io import eos_token_ids, load_hf_weights
-from .optim import learning_rate, optimizer_step, set_learning_rate, wrap_for_training, zero_grads
+from .optim import GuardedOptimizer, wrap_for_training
 from .platform import ParallelLayout, initialize_distributed
 from .reliability import (NonFiniteGuard, StallWatchdog, check_finite_weights, check_save_location,
                           checkpoint_size_estimate)
 from .reward import compute_rewards
 from .rollout import RolloutEngine, RolloutRequest, row_seed
-from .schedule import StageOutput, run_microbatches
 from .step_rows import GrpoRows
+from .update import grpo_update
 
 
 def log0(message: str) -> None:
@@ -74,7 +74,9 @@ class GraceTrainer:
         if self.checkpoint is None:
             with timed_phase(f"loaded the weights of {self.hf_dir}", printer=log0):
                 load_hf_weights(model, self.hf_dir, self.arch)
-        self.model, self.optimizer = wrap_for_training(model, config.optim)
+        self.model, optimizer = wrap_for_training(model, config.optim)
+        self.nonfinite = NonFiniteGuard(config.training.max_nonfinite_steps, log=log0)
+        self.optimizer = GuardedOptimizer(self.model, optimizer, config.optim, self.nonfinite)
         self.reference = self._reference_model() if config.objective.kl_coef > 0 else None
         if config.checkpoint.save:
             check_save_location(config.checkpoint.save, checkpoint_size_estimate(
@@ -83,7 +85,6 @@ class GraceTrainer:
         self.dataset = self._load_dataset()
         self.sampler = GroupSampler(len(self.dataset), config.training.global_batch_size, config.training.seed)
         self.iteration = 0
-        self.optimizer_steps = 0
         if self.checkpoint is not None:
             with timed_phase(f"loaded {self.checkpoint}", printer=log0):
                 self._resume()
@@ -95,7 +96,6 @@ class GraceTrainer:
                                         sync_interval=config.rollout.rollout_sync_interval)
         self.logger = MetricsLogger(config.logging, save=config.checkpoint.save, settings=config.flat(),
                                     is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
-        self.nonfinite = NonFiniteGuard(config.training.max_nonfinite_steps, log=log0)
         self.watchdog = StallWatchdog(config.parallel.distributed_timeout_minutes)
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -126,30 +126,23 @@ class GraceTrainer:
         return reference
 
     def _load_dataset(self):
-        data, objective = self.config.data, self.config.objective
+        data = self.config.data
         dataset = load_grace_dataset(data.train_data, self.tokenizer, mode=data.train_mode,
                                      max_prompt_length=data.max_prompt_length, strict=data.strict_data,
                                      verbose=dist.get_rank() == 0)
-        if objective.algorithm == "infonce" and dataset.num_negatives == 0:
-            raise DataError(f"--algorithm infonce needs hard negatives: the rows of {data.train_data} have no "
-                            f"'negative' field")
-        if (objective.algorithm == "grace" and data.train_mode == "supervised" and objective.reward_variant == "code"
-                and dataset.num_negatives > 1):
-            raise ValueError(f"--reward-variant code scores one negative per query, and the training data "
-                             f"({data.train_data}) has {dataset.num_negatives}: use --reward-variant paper or "
-                             f"per-rollout")
+        self.config.check_training_data(dataset.num_negatives)
         return dataset
 
     def _resume(self) -> None:
         meta = read_checkpoint_meta(self.checkpoint)
         with_optimizer = meta["has_optimizer"] and self.config.checkpoint.load_optim
-        meta = load_checkpoint(self.checkpoint, self.model, self.optimizer if with_optimizer else None,
+        meta = load_checkpoint(self.checkpoint, self.model, self.optimizer.optimizer if with_optimizer else None,
                                arch=self.arch)
         run_state = meta.get("run_state", {})
         if "data" in run_state:
             self.sampler.load_state_dict(run_state["data"])
             self.iteration = meta["iteration"]
-            self.optimizer_steps = run_state.get("optimizer_steps", 0)
+            self.optimizer.optimizer_steps = run_state.get("optimizer_steps", 0)
         log0(f"resumed from {self.checkpoint} at iteration {self.iteration}"
              f"{'' if with_optimizer else ' (weights only)'}; data position {self.sampler.state_dict()}")
 
@@ -204,7 +197,8 @@ class GraceTrainer:
         self.watchdog.enter("update", step)
         start = time.perf_counter()
         rewards_finite = self.nonfinite.check(step, "reward", [rewards["total"]] if rewards else [])
-        update = (self._update(batch, experience, reference_log_probs, advantages, rows, row_temperatures)
+        update = (grpo_update(self.model, self.optimizer, batch, experience, reference_log_probs, advantages, rows,
+                              row_temperatures, config=config, step=step)
                   if rewards_finite else {"grad_norm": float("nan")})
         timings["update"] = time.perf_counter() - start
         self.iteration += 1
@@ -213,12 +207,13 @@ class GraceTrainer:
         metrics = grpo_step_metrics(self.iteration, batch, rollouts, rows, experience, rewards, advantages, update,
                                     timings, config=config, is_last_stage=self.is_last_stage,
                                     with_lengths=self._is_sampled_step(self.iteration),
-                                    lr=self.optimizer.param_groups[0]["lr"])
+                                    lr=self.optimizer.lr)
         metrics["skipped_updates"] = self.nonfinite.finish_step(step)
         metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
-        if self._is_sampled_step(self.iteration):
-            self._log_samples(examples[0], rollouts[rows.first_group],
-                              rewards["total"][rows.first_group].tolist() if rewards else [None] * n)
+        if self._is_sampled_step(self.iteration) and self.logger.is_logging_rank:
+            first_rewards = rewards["total"][rows.first_group].tolist() if rewards else [None] * n
+            self.logger.samples(rationale_samples(self.iteration, examples[0], rollouts[rows.first_group],
+                                                  first_rewards, self.tokenizer))
         self.watchdog.idle()
         return metrics
 
@@ -240,104 +235,23 @@ class GraceTrainer:
                         if config.objective.hidden_dropout > 0 else None)
 
         self.watchdog.enter("update", step)
-        self._set_lr()
-        zero_grads(self.model, self.optimizer)
+        self.optimizer.begin_update()
         outputs, loss_metrics = contrastive_backward(
             self.model, batch, rows, micro_batch_size=config.training.micro_batch_size,
             temperature=config.objective.contrastive_temperature, hidden_size=self.arch.hidden_size,
             dropout_seed=dropout_seed, timings=timings)
         start = time.perf_counter()
-        _, grad_norm = self._checked_optimizer_step(step, outputs)
+        _, grad_norm = self.optimizer.finish_update(step, outputs)
         timings["update"] += time.perf_counter() - start
         self.iteration += 1
 
         metrics = contrastive_step_metrics(self.iteration, batch, loss_metrics, grad_norm, timings,
                                            micro_batch_size=config.training.micro_batch_size,
-                                           is_last_stage=self.is_last_stage, lr=self.optimizer.param_groups[0]["lr"])
+                                           is_last_stage=self.is_last_stage, lr=self.optimizer.lr)
         metrics["skipped_updates"] = self.nonfinite.finish_step(step)
         metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
         self.watchdog.idle()
         return metrics
-
-    def _checked_optimizer_step(self, step: int, outputs: list[dict]) -> tuple[bool, float]:
-        """The optimizer step after a forward/backward schedule, unless a loss or a gradient is NaN/Inf (checked
-        before optimizer.step(), which clips with the grad norm and applies the update in one call). Returns
-        (applied, grad norm; NaN when skipped)."""
-        faults.nonfinite("grad", step, next(self.model.parameters()).main_grad)
-        if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
-                and self.nonfinite.check_gradients(step, self.model)):
-            return False, float("nan")
-        _, grad_norm = optimizer_step(self.model, self.optimizer)
-        self.optimizer_steps += 1
-        return True, float("nan") if grad_norm is None else grad_norm
-
-    def _update(self, batch: SequenceBatch, experience, reference_log_probs, advantages, rows: GrpoRows,
-                temperatures: torch.Tensor) -> dict:
-        training = self.config.training
-        rows_per_mini_batch = training.ppo_mini_batch_size // self.dp_size * self.config.rollout.rollout_n
-        width = batch.tokens.shape[1] - 1
-        old_log_probs = experience.old_log_probs if self.is_last_stage else torch.zeros(len(batch), width)
-        main_rows = rows.num_main
-        if advantages is None:
-            advantages = torch.zeros(main_rows)
-        per_row = {"advantages": advantages, "old_log_probs": old_log_probs[rows.main],
-                   "temperatures": temperatures[rows.main]}
-        if reference_log_probs is not None:
-            per_row["reference_log_probs"] = (reference_log_probs if self.is_last_stage
-                                              else torch.zeros(len(batch), width))[rows.main]
-        main = batch.select(rows.main)
-        totals: dict[str, float] = {}
-        grad_norms = []
-        step = self.iteration + 1
-        for _ in range(training.ppo_epochs):
-            for first in range(0, main_rows, rows_per_mini_batch):
-                mini_rows = slice(first, first + rows_per_mini_batch)
-                mini = main.select(mini_rows)
-                micro = mini.microbatches(training.micro_batch_size, **{k: v[mini_rows] for k, v in per_row.items()})
-                computed, real = mini.token_counts(training.micro_batch_size)
-                totals["update_tokens"] = totals.get("update_tokens", 0.0) + computed
-                totals["update_real_tokens"] = totals.get("update_real_tokens", 0.0) + real
-                self._set_lr()
-                zero_grads(self.model, self.optimizer)
-                outputs = run_microbatches(self.model, micro, self._policy_loss, forward_only=False,
-                                           need_logits=self.config.objective.entropy_coef > 0)
-                applied, grad_norm = self._checked_optimizer_step(step, outputs)
-                grad_norms.append(grad_norm)
-                if not applied:
-                    continue
-                for out in outputs:
-                    for key, value in out.items():
-                        totals[key] = totals.get(key, 0.0) + float(value)
-        totals["grad_norm"] = max(grad_norms) if grad_norms else float("nan")
-        return totals
-
-    def _policy_loss(self, micro: dict, output: StageOutput):
-        objective = self.config.objective
-        log_probs = output.log_probs
-        mask = (micro["response_mask"] & ~micro["is_filler"].unsqueeze(1)).float()
-        advantages = micro["advantages"].unsqueeze(1).to(log_probs.dtype)
-        losses, clipped, dual_clipped = ppo_clipped_token_losses(
-            log_probs, micro["old_log_probs"], advantages, clip_low=objective.clip_ratio_low,
-            clip_high=objective.clip_ratio_high, dual_clip_c=objective.clip_ratio_c)
-        policy_loss_sum = (losses * mask).sum()
-        faults.nonfinite("loss", self.iteration + 1, policy_loss_sum)
-        loss = policy_loss_sum
-        metrics = {"policy_loss_sum": policy_loss_sum.detach(), "clipped": (clipped.float() * mask).sum(),
-                   "dual_clipped": (dual_clipped.float() * mask).sum()}
-        if "reference_log_probs" in micro:
-            kl_sum = (low_var_kl(log_probs, micro["reference_log_probs"]) * mask).sum()
-            loss = loss + objective.kl_coef * kl_sum
-            metrics["kl_sum"] = kl_sum.detach()
-        if objective.entropy_coef > 0:
-            entropy_sum = (vocab_parallel_entropy(output.logits[:, :-1]) * mask).sum()
-            loss = loss - objective.entropy_coef * entropy_sum
-            metrics["entropy_sum"] = entropy_sum.detach()
-        num_tokens = mask.sum().to(torch.int)
-        metrics["tokens"] = num_tokens.float()
-        return loss, num_tokens, metrics
-
-    def _set_lr(self) -> None:
-        set_learning_rate(self.optimizer, learning_rate(self.config.optim, self.optimizer_steps))
 
     def _is_sampled_step(self, step: int) -> bool:
         """Steps 1, 1 + N, 1 + 2N, ... for ``--sample-interval N`` (0: none)."""
@@ -349,26 +263,18 @@ class GraceTrainer:
         return (parallel_state.get_tensor_model_parallel_world_size() if self.config.parallel.sequence_parallel
                 else 1)
 
-    def _log_samples(self, example, rollouts, rewards) -> None:
-        """The logging rank's first group of the step: each main rationale, decoded, with its text and reward."""
-        if not self.logger.is_logging_rank:
-            return
-        self.logger.samples([{"step": self.iteration, "sample_id": example.sample_id, "rollout": index,
-                              "text": example.row.main,
-                              "rationale": self.tokenizer.decode(rollout.response, skip_special_tokens=False),
-                              "response_length": len(rollout.response), "reward": reward,
-                              "truncated": rollout.truncated}
-                             for index, (rollout, reward) in enumerate(zip(rollouts, rewards))])
-
     # ------------------------------------------------------------------------------------------------ loop
     def steps(self):
-        """Train up to ``--train-iters``, checkpointing every ``--save-interval`` steps; yields each step's metrics
-        (before its checkpoint). The loop of :meth:`train` and of the multi-rank test workers."""
-        save_interval = self.config.checkpoint.save_interval
+        """Train up to ``--train-iters``, checkpointing every ``--save-interval`` steps and at the end (with
+        ``--save``); yields each step's metrics before its checkpoint. The loop of :meth:`train` and of the
+        multi-rank test workers."""
+        interval = self.config.checkpoint.save_interval
         while self.iteration < self.config.training.train_iters:
             yield self.train_step()
-            if save_interval and self.iteration % save_interval == 0:
+            if interval and self.iteration % interval == 0:
                 self.save()
+        if not (interval and self.iteration % interval == 0):
+            self.save()  # the final state, unless the interval has just saved it
 
     def save(self) -> None:
         save_dir = self.config.checkpoint.save
@@ -377,8 +283,9 @@ class GraceTrainer:
         self.watchdog.enter("save", self.iteration)
         check_finite_weights(self.model, self.iteration)
         flags = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
-        run_state = {"data": self.sampler.state_dict(), "optimizer_steps": self.optimizer_steps, "args": flags}
-        path = save_checkpoint(save_dir, self.iteration, self.model, self.optimizer, arch=self.arch,
+        run_state = {"data": self.sampler.state_dict(), "optimizer_steps": self.optimizer.optimizer_steps,
+                     "args": flags}
+        path = save_checkpoint(save_dir, self.iteration, self.model, self.optimizer.optimizer, arch=self.arch,
                                run_state=run_state, tokenizer_dir=self.hf_dir)
         self.watchdog.idle()
         log0(f"saved checkpoint {path}")
@@ -394,9 +301,6 @@ class GraceTrainer:
         self.logger.start(self.iteration, config.training.train_iters)
         for metrics in self.steps():
             self.logger.log(metrics)
-        save_interval = config.checkpoint.save_interval
-        if config.checkpoint.save and not (save_interval and self.iteration % save_interval == 0):
-            self.save()
         self.logger.finish()
         if config.checkpoint.save and config.logging.report and self.logger.is_logging_rank:
             from .report import build_report

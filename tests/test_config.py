@@ -141,3 +141,15 @@ def test_validate_refuses_each_invalid_combination(line, tiny_llama_dir):
         with pytest.raises(ConfigError, match=re.escape(message)):
             config.validate(world_size=world_size)
     parse_args(SMALL_BATCH).validate(world_size=1)  # the flags every case starts from are valid
+
+
+def test_the_checks_that_need_the_training_file():
+    from megatron_grace.data.dataset import DataError
+
+    parse_args([]).check_training_data(num_negatives=1)  # the default: GRACE, code variant, one negative per row
+    with pytest.raises(DataError, match="--reward-variant code scores one negative per query.*has 2"):
+        parse_args([]).check_training_data(num_negatives=2)
+    parse_args(["--reward-variant", "paper"]).check_training_data(num_negatives=2)
+    with pytest.raises(DataError, match="--algorithm infonce needs hard negatives"):
+        parse_args(["--algorithm", "infonce"]).check_training_data(num_negatives=0)
+    parse_args(["--algorithm", "simcse", "--train-mode", "unsupervised"]).check_training_data(num_negatives=0)
