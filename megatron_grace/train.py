@@ -1,6 +1,6 @@
 """GRACE training on Megatron-Core: ``torchrun ... -m megatron_grace.train [flags]`` (``examples/pretrain_grace.sh``).
 
-One GRPO step, top to bottom (:meth:`GraceTrainer.train_step`):
+One GRPO step, top to bottom (:meth:`GraceTrainer.grpo_step`):
 
 1. data      the next global batch of prompts; this data-parallel rank takes its contiguous slice of groups
 2. rollout   the policy samples ``--rollout-n`` rationales per prompt at T=1.0, plus one query (anchor) rationale and
@@ -148,13 +148,21 @@ class GraceTrainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        if self.config.objective.algorithm != "grace":
-            return self.contrastive_step()
-        config, timings = self.config, {}
-        n, step = config.rollout.rollout_n, self.iteration + 1
+        """One step of ``--algorithm`` on the next global batch: the step's metrics, its skipped updates and the
+        sample ids of its batch."""
+        step = self.iteration + 1
+        global_batch, examples = self._next_examples()
+        algorithm_step = self.grpo_step if self.config.objective.algorithm == "grace" else self.contrastive_step
+        metrics = algorithm_step(examples, step)
+        metrics["skipped_updates"] = self.nonfinite.finish_step(step)
+        metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
+        self.watchdog.idle()
+        return metrics
+
+    def grpo_step(self, examples: list, step: int) -> dict:
+        config, timings, n = self.config, {}, self.config.rollout.rollout_n
 
         # 1. data: whole groups per data-parallel rank.
-        global_batch, examples = self._next_examples()
         rows = GrpoRows(examples, n, self.dataset.num_negatives)
 
         # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
@@ -208,13 +216,10 @@ class GraceTrainer:
                                     timings, config=config, is_last_stage=self.is_last_stage,
                                     with_lengths=self._is_sampled_step(self.iteration),
                                     lr=self.optimizer.lr)
-        metrics["skipped_updates"] = self.nonfinite.finish_step(step)
-        metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
         if self._is_sampled_step(self.iteration) and self.logger.is_logging_rank:
             first_rewards = rewards["total"][rows.first_group].tolist() if rewards else [None] * n
             self.logger.samples(rationale_samples(self.iteration, examples[0], rollouts[rows.first_group],
                                                   first_rewards, self.tokenizer))
-        self.watchdog.idle()
         return metrics
 
     def _next_examples(self) -> tuple[list[int], list]:
@@ -223,11 +228,10 @@ class GraceTrainer:
         local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
         return global_batch, [self.dataset[i] for i in local]
 
-    def contrastive_step(self) -> dict:
+    def contrastive_step(self, examples: list, step: int) -> dict:
         """One step of a contrastive baseline (``--algorithm infonce | simcse``, :mod:`megatron_grace.contrastive`):
         embed the rows without rationale, the in-batch loss and its embedding gradients, one optimizer step."""
-        config, timings, step = self.config, {}, self.iteration + 1
-        global_batch, examples = self._next_examples()
+        config, timings = self.config, {}
         rows = ContrastiveRows.build(examples, config.objective.algorithm)
         batch = rows.sequence_batch(pad_token_id=self.pad_token_id, length_multiple=self._length_multiple())
         # SimCSE's two views differ by their dropout masks; the update replays the masks of the embedding pass.
@@ -248,9 +252,6 @@ class GraceTrainer:
         metrics = contrastive_step_metrics(self.iteration, batch, loss_metrics, grad_norm, timings,
                                            micro_batch_size=config.training.micro_batch_size,
                                            is_last_stage=self.is_last_stage, lr=self.optimizer.lr)
-        metrics["skipped_updates"] = self.nonfinite.finish_step(step)
-        metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
-        self.watchdog.idle()
         return metrics
 
     def _is_sampled_step(self, step: int) -> bool:
