@@ -15,7 +15,8 @@ is a pure function of those three integers (a 32-bit integer hash), never the st
 Only [rows] tokens and log-probabilities leave the logits' device. Padded vocabulary columns (``vocab_size`` below the
 shard's width) are never sampled. Temperatures must be positive (T → 0 tends to the argmax).
 
-Dispatch as in :mod:`masked_mean_pool`: Triton on CUDA or under ``TRITON_INTERPRET=1``, the torch reference otherwise.
+Dispatch as in :mod:`masked_mean_pool`: Triton on CUDA or under ``TRITON_INTERPRET=1``, otherwise the torch reference
+with its element-wise part compiled into one pass.
 """
 import torch
 import torch.distributed as dist
@@ -59,15 +60,32 @@ def gumbel_noise_reference(keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------------------------------------------
 # Torch reference: local (one vocabulary shard) statistics
 # ----------------------------------------------------------------------------------------------------------------
-def _local_sample_reference(logits, temperatures, keys, valid: int, vocab_start: int):
+def _scaled_and_scores(logits, temperatures, keys, vocab_ids):
+    """(logits / T, logits / T + noise), both float32 [rows, V]."""
+    scaled = logits.float() / temperatures.float().unsqueeze(1)
+    return scaled, scaled + gumbel_noise_reference(keys, vocab_ids)
+
+
+# The CPU dispatch path: the same element-wise ops fused into one pass over [rows, V] instead of a dozen, which the
+# eager reference makes through memory (the hash's integer steps are exact; the logs may round differently in the last
+# bit, docs/performance.md). Dynamic shapes: the row count falls as finished rows leave the batch.
+_scaled_and_scores_compiled = torch.compile(_scaled_and_scores, dynamic=True)
+
+
+def _local_sample_reference(logits, temperatures, keys, valid: int, vocab_start: int, *,
+                            scaled_and_scores=_scaled_and_scores):
     """Per row of this shard: best noisy score, its global id, the shard's log-sum-exp of logits / T and the winning
     scaled logit. Columns from ``valid`` on are padding."""
-    scaled = logits[:, :valid].float() / temperatures.float().unsqueeze(1)
     vocab_ids = torch.arange(vocab_start, vocab_start + valid, device=logits.device, dtype=torch.int64)
-    scores = scaled + gumbel_noise_reference(keys, vocab_ids)
+    scaled, scores = scaled_and_scores(logits[:, :valid], temperatures, keys, vocab_ids)
     best_score, best_local = scores.max(dim=1)
     return (best_score, best_local + vocab_start, torch.logsumexp(scaled, dim=1),
             scaled.gather(1, best_local.unsqueeze(1)).squeeze(1))
+
+
+def _local_sample_compiled(logits, temperatures, keys, valid: int, vocab_start: int):
+    return _local_sample_reference(logits, temperatures, keys, valid, vocab_start,
+                                   scaled_and_scores=_scaled_and_scores_compiled)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,5 +198,5 @@ def sample_tokens(logits, temperatures, row_seeds, positions, *, vocab_size=None
     ``row_seeds`` [rows] int64, ``positions`` [rows] int64 (index of the token in the row's response). ``group``: the
     TP group the vocabulary is split over. Returns (tokens [rows] int64, log-probs [rows] float32 under
     softmax(logits / T) over the whole vocabulary)."""
-    local_sample = _local_sample_triton if use_triton(logits) else _local_sample_reference
+    local_sample = _local_sample_triton if use_triton(logits) else _local_sample_compiled
     return _sample(local_sample, logits, temperatures, row_seeds, positions, vocab_size, vocab_start, group)
