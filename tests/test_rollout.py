@@ -6,6 +6,7 @@
   Log-probs alone vs batched: ≤ 1e-5 absolute.
 * The sampling log-probs of the T=1 rows equal the one-pass forward's (training's ``logprob_mismatch``) to ≤ 1e-4 on
   both specs (measured: ≤ 1e-6).
+* Decoding rotates one position of keys per layer and token (they enter the KV cache rotated), not the whole cache.
 * Sync-free decode: the host reads device values once per ``sync_interval`` decoded tokens (the finished flags) plus
   three reads of the results, counted with :class:`~megatron_grace.testing.HostReadCounter`.
 * Finished-row compaction (EOS forced at chosen response steps): tokens identical with and without compaction and
@@ -130,6 +131,26 @@ def test_update_after_rollout_with_a_rope_that_saves_its_frequencies(model, monk
     losses.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
+
+
+def test_decode_rotates_only_the_new_keys(model, monkeypatch):
+    """Keys enter the KV cache rotated (:class:`~megatron_grace.models.layers.RotatedKeyCacheSelfAttention`): after
+    the prefill, each layer rotates one position of queries and one of keys per decoded token, never the cache."""
+    rotated_positions = []
+    real = rope_utils.fused_apply_rotary_pos_emb
+
+    def counting(t, freqs, **kwargs):
+        rotated_positions.append(t.shape[0])
+        return real(t, freqs, **kwargs)
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counting)
+    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=False)
+    rows = requests()
+    engine.generate(rows, MAX_NEW_TOKENS)
+    layers, prompt_width = len(model.decoder.layers), max(len(r.prompt) for r in rows)
+    prefill, decode = rotated_positions[: 2 * layers], rotated_positions[2 * layers:]
+    assert prefill == [prompt_width] * (2 * layers)  # queries and keys of the prompt columns
+    assert decode == [1] * (2 * layers * engine.stats.positions)
 
 
 @pytest.mark.parametrize("sync_interval", [1, 4, 100])

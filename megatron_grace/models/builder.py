@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..platform import has_cuda
 from .config import ModelArchitecture
 from . import rope
-from .layers import RMSNorm, SDPAttention
+from .layers import RMSNorm, RotatedKeyCacheSelfAttention, SDPAttention
 from .output import GraceGPTModel
 
 
@@ -91,9 +91,12 @@ def layer_spec(config: TransformerConfig) -> TransformerBlockSubmodules | Module
     if transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        spec.submodules.self_attention.module = RotatedKeyCacheSelfAttention
+        return spec
     spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     layer = spec.submodules
+    layer.self_attention.module = RotatedKeyCacheSelfAttention
     layer.input_layernorm = RMSNorm
     layer.pre_mlp_layernorm = RMSNorm
     attention = layer.self_attention.submodules

@@ -1,4 +1,4 @@
-"""Layer modules for the local (non-Transformer-Engine) GPT layer spec.
+"""Layer modules of the GPT layer specs (mostly the local, non-Transformer-Engine one).
 
 * :class:`RMSNorm`: torch RMSNorm that works under sequence parallelism. Megatron-Core's ``WrappedTorchNorm`` refuses
   sequence parallel because it does not mark its weight; with sequence-parallel activations each TP rank sees a
@@ -7,6 +7,8 @@
 * :class:`SDPAttention`: Megatron's core-attention interface on ``F.scaled_dot_product_attention`` (fused kernels on
   CPU and flash/efficient attention on GPU without Transformer Engine), a drop-in for the unfused local
   ``DotProductAttention`` (baddbmm + softmax).
+* :class:`RotatedKeyCacheSelfAttention` (both specs, Transformer Engine's too): Megatron's self-attention with keys
+  rotated once on their way into the static KV cache, instead of the whole cache at every decode step.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -75,3 +80,27 @@ class SDPAttention(MegatronModule):
         )
         # [b, n, sq, d] -> [sq, b, n·d]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+
+class RotatedKeyCacheSelfAttention(SelfAttention):
+    """Megatron-Core's self-attention, with each key rotated once, at its own position, before it enters the static
+    KV cache.
+
+    Megatron-Core's static-batching path caches keys unrotated and rotates the whole cache again at every decode step:
+    element-wise work that grows with the context in every layer at every token, and one more read and write of all
+    cached keys next to attention's own read. Rotation is per position, so rotating on the way in gives the keys
+    attention sees either way. Training and the one-pass forward (no inference context) are untouched."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                or not inference_context.is_static_batching()):
+            return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb,
+                                                           *args, **kwargs)
+        query_pos_emb, key_pos_emb = rotary_pos_emb
+        start = inference_context.sequence_len_offset
+        key = apply_rotary_pos_emb(key, key_pos_emb[start: start + key.shape[0]], config=self.config,
+                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                   cp_group=self.pg_collection.cp)
+        query, key, value, (query_pos_emb, _), mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        return query, key, value, (query_pos_emb, None), mask_type, block_table
