@@ -54,7 +54,9 @@ else
     # moves a 135M model within minutes. Rationales up to 128 tokens at T 0.7: at T 1.0 SmolLM2 rambles (half of its
     # rationales do not end within 128 tokens; with a 48-token cap 70 % were cut and penalised, and GRPO learnt
     # little but stopping early). Four optimizer steps per step teach it to finish before the cap within a few
-    # steps (results/quality_smollm2_cpu/README.md). --hf-model defaults to the embedded SmolLM2.
+    # steps; a KL term to the initial policy (beta 0.04, DeepSeekMath's GRPO value) keeps the rationales from
+    # shrinking to ~20 tokens on the way (results/quality_smollm2_cpu/README.md). --hf-model defaults to the
+    # embedded SmolLM2.
     RUN_DIR=${SAVE_DIR:-runs/grace-smollm2-${TRAIN_MODE}}
     GRACE_ARGS=(
         --train-mode "$TRAIN_MODE"
@@ -67,6 +69,7 @@ else
         --max-response-length 128
         --rollout-temperature 0.7
         --lr 2e-5
+        --kl-coef 0.04
         --seed 1234
         --save "$RUN_DIR"
         --load "$RUN_DIR"
