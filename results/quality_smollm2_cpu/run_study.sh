@@ -55,7 +55,6 @@ lane_a &
 lane_b &
 wait
 
-cp "$WORK/eval/summary.md" "$WORK/eval/summary.json" "$WORK/eval/summary.png" "$WORK/eval/wall_times.json" "$OUT/eval/"
 cp "$WORK/wall_times.txt" "$OUT/training_wall_times.txt"
 for name in grace-code grace-per-rollout infonce; do
     mkdir -p "$OUT/$name"
@@ -67,4 +66,9 @@ done
     --summary-json "$OUT/grace_training_summary.json"
 "$PYTHON" tools/plot_metrics.py --run "$WORK/infonce" --label InfoNCE --output "$OUT/infonce_training.png" \
     --summary-json "$OUT/infonce_training_summary.json"
+# The table rewrites the side-by-side summary from every stored run (the two lanes' last evaluations end close
+# together), so the eval folder is copied after it: MTEB's result JSON of every run, the summary and wall times.
 "$PYTHON" "$OUT/make_table.py" "$WORK/eval" > "$OUT/table.md"
+mkdir -p "$OUT/eval"
+cp -r "$WORK/eval/results" "$WORK/eval/summary.md" "$WORK/eval/summary.json" "$WORK/eval/summary.png" \
+    "$WORK/eval/wall_times.json" "$OUT/eval/"
