@@ -1,7 +1,10 @@
 """megatron-grace: GRACE embedder training on Megatron-Core.
 
-The Triton kernels live in ``megatron_grace/kernels/`` (one file per op, Liger-Kernel style): the import path is the
-file path.
+Two folders outside ``megatron_grace/`` install into it (``package_dir``): the Triton ops of the top-level ``kernels/``
+(one file per op, Liger-Kernel style) as ``megatron_grace/kernels/``, imported as ``megatron_grace.kernels``
+(``megatron_grace/kernels.py`` is its ``__init__``; a top-level ``kernels`` module would clash with the ``kernels``
+package on PyPI), and the bundled sample data of ``examples/data`` as ``megatron_grace/sample_data/`` (package data:
+the default ``--train-data`` and the local suite's held-out list), so a wheel finds its defaults.
 """
 from setuptools import setup
 
@@ -20,7 +23,9 @@ setup(
     description="GRACE (generative representation learning via contrastive policy optimisation) on Megatron-Core",
     python_requires=">=3.10",
     packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.cli",
-              "megatron_grace.eval", "megatron_grace.kernels"],
+              "megatron_grace.eval", "megatron_grace.kernels", "megatron_grace.sample_data"],
+    package_dir={"megatron_grace.kernels": "kernels", "megatron_grace.sample_data": "examples/data"},
+    package_data={"megatron_grace.sample_data": ["*.jsonl", "*.txt", "README.md", "LICENSE.WordNet"]},
     # The same code as python -m megatron_grace.train and tools/*.py (megatron_grace/cli/__init__.py lists them).
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[

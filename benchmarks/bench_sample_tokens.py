@@ -1,4 +1,4 @@
-"""Benchmark token sampling (megatron_grace/kernels/sample_tokens.py) against the host-side sampler it replaced.
+"""Benchmark token sampling (kernels/sample_tokens.py) against the host-side sampler it replaced.
 
 GPU (default when CUDA is present): our Triton kernel vs torch eager (the reference: the CPU dispatch path run on the
 GPU) vs torch.compile of the same vs the old path (full logits copied to the host, a softmax and one

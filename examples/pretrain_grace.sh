@@ -37,6 +37,20 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 
+# last_flag_value FLAG DEFAULT ARGS...: the value the trainer will see for FLAG (its last occurrence wins).
+last_flag_value() {
+    local name=$1 value=$2
+    shift 2
+    while (( $# )); do
+        case $1 in
+            "$name") (( $# >= 2 )) && value=$2 ;;
+            "$name"=*) value=${1#*=} ;;
+        esac
+        shift
+    done
+    echo "$value"
+}
+
 DISTRIBUTED_ARGS=(
     --nproc-per-node "$NPROC_PER_NODE"
     --nnodes "$NNODES"
@@ -57,19 +71,31 @@ else
     # steps; a KL term to the initial policy (beta 0.04, DeepSeekMath's GRPO value) keeps the rationales from
     # shrinking to ~20 tokens on the way (results/quality_smollm2_cpu/README.md). --hf-model defaults to the
     # embedded SmolLM2.
+    #
+    # The user's flags come last and win; the demo defaults that depend on other flags follow the user's values:
+    # the KL term only for GRPO (the baselines refuse it), and the PPO mini-batch a quarter of the global batch,
+    # rounded to the data-parallel size (the whole batch where that does not divide).
     RUN_DIR=${SAVE_DIR:-runs/grace-smollm2-${TRAIN_MODE}}
+    global_batch=$(last_flag_value --global-batch-size 4 "$@")
+    tensor_parallel=$(last_flag_value --tensor-model-parallel-size 1 "$@")
+    pipeline_parallel=$(last_flag_value --pipeline-model-parallel-size 1 "$@")
+    data_parallel=$(( NNODES * NPROC_PER_NODE / (tensor_parallel * pipeline_parallel) ))
+    (( data_parallel >= 1 )) || data_parallel=1
+    mini_batch=$(( global_batch / 4 / data_parallel * data_parallel ))
+    if (( mini_batch < 1 || global_batch % mini_batch != 0 )); then
+        mini_batch=$global_batch
+    fi
     GRACE_ARGS=(
         --train-mode "$TRAIN_MODE"
         --train-iters "${TRAIN_ITERS:-8}"
         --global-batch-size 4
-        --ppo-mini-batch-size 1
+        --ppo-mini-batch-size "$mini_batch"
         --rollout-n 4
         --micro-batch-size 4
         --max-prompt-length 256
         --max-response-length 128
         --rollout-temperature 0.7
         --lr 2e-5
-        --kl-coef 0.04
         --seed 1234
         --save "$RUN_DIR"
         --load "$RUN_DIR"
@@ -77,6 +103,9 @@ else
         --sample-interval 4
         --export-hf  # <save>/hf: follows a --save given on the command line
     )
+    if [[ $(last_flag_value --algorithm grace "$@") == grace ]]; then
+        GRACE_ARGS+=(--kl-coef 0.04)
+    fi
 fi
 
 echo "[pretrain_grace] $NNODES node(s) × $NPROC_PER_NODE process(es); run directory $RUN_DIR"

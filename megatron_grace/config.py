@@ -15,11 +15,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sample_data_dir
 from .console import LOG_LEVELS
 
 DEFAULT_TRAIN_DATA = {
-    "supervised": Path(__file__).resolve().parent.parent / "examples" / "data" / "train_supervised.jsonl",
-    "unsupervised": Path(__file__).resolve().parent.parent / "examples" / "data" / "train_unsupervised.txt",
+    "supervised": sample_data_dir() / "train_supervised.jsonl",
+    "unsupervised": sample_data_dir() / "train_unsupervised.txt",
 }
 
 ALGORITHMS = ("grace", "infonce", "simcse")  # grace: GRPO; the others: megatron_grace/contrastive.py
@@ -97,7 +98,7 @@ class ObjectiveConfig:
                                               f"simcse, 0 otherwise; grace needs 0)", type=float)
     reward_variant: str = flag("code", "code: the reference code's terms; paper: several negatives summed; "
                                        "per-rollout: negatives and cross-group term measured against each rollout, "
-                                       "so they reach the advantage (see megatron_grace/kernels/grace_rewards.py)",
+                                       "so they reach the advantage (see kernels/grace_rewards.py)",
                                choices=["code", "paper", "per-rollout"])
     reward_temperature: float = flag(0.1, "τ: similarities are divided by it")
     clustering_weight: float = flag(0.2, "λ1")

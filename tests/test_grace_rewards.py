@@ -214,7 +214,9 @@ def test_advantage_shares_add_up_and_show_the_cancellation(variant):
     if variant == "code":
         negative = negative[:, 0]
     terms = torch_path(main, query, negative, group_size=group_size, variant=variant)
-    truncated = torch.tensor([False, True, False, False, False, False, True, False, False, False, False, False])
+    # On the terms' device: the check below mixes it with them (a CPU mask against CUDA terms failed on the GPU).
+    truncated = torch.tensor([False, True, False, False, False, False, True, False, False, False, False, False],
+                             device=DEVICE)
     objective = ObjectiveConfig(reward_variant=variant, length_penalty=-1.0)
     sums = advantage_variance_sums(terms, truncated, group_size, objective, mode="supervised")
     shares = {name: sums[f"advantage_cov_{name}_sum"] / sums["advantage_var_sum"] for name in ADVANTAGE_SHARE_TERMS}

@@ -60,10 +60,10 @@ def test_summary_png_and_partial_last_line(tmp_path, capsys):
     # response length = 100 + 2 * step: 111 and 141.
     assert metrics["response_length_mean"]["first_mean"] == pytest.approx(111.0)
     assert metrics["response_length_mean"]["last_mean"] == pytest.approx(141.0)
-    # grad_norm only on even steps 2..24 (12 values): first ten 2..20 -> 11, last ten 6..24 -> 15.
-    assert metrics["grad_norm"]["steps"] == 12
-    assert metrics["grad_norm"]["first_mean"] == pytest.approx(11.0)
-    assert metrics["grad_norm"]["last_mean"] == pytest.approx(15.0)
+    # grad_norm only on even steps 2..24 (12 values, fewer than two windows): halves 2..12 -> 7, 14..24 -> 19.
+    assert metrics["grad_norm"]["steps"] == 12 and metrics["grad_norm"]["window"] == 6
+    assert metrics["grad_norm"]["first_mean"] == pytest.approx(7.0)
+    assert metrics["grad_norm"]["last_mean"] == pytest.approx(19.0)
     # The positive similarity (raw cosine of the pos term).
     assert metrics["reward_pos_mean"]["last_mean"] == pytest.approx(0.205)
     # Metrics the file does not have are left out, not reported as zeros.
@@ -123,3 +123,21 @@ def test_only_partial_content_is_an_error(tmp_path, capsys):
     assert tool.main(["--run", str(run_dir)]) == 1
     assert "no complete step" in capsys.readouterr().err
     assert tool.main(["--run", str(tmp_path / "missing")]) == 1
+
+
+def test_a_run_shorter_than_two_windows_is_compared_by_halves(tmp_path, capsys):
+    """8 steps with the default window of 10: the first 10 and last 10 would both be all 8 steps (change +0). Halves:
+    steps 1-4 against 5-8; grad_norm, logged on the 4 even steps, compares steps 2, 4 against 6, 8."""
+    tool = load_tool()
+    run = load_curves().load_run(write_run(tmp_path / "short", range(1, 9)))
+    summary = tool.summarise(run, window=10)
+    assert summary["reward_mean"]["window"] == 4
+    assert summary["reward_mean"]["first_mean"] == pytest.approx(0.5 * 2.5)
+    assert summary["reward_mean"]["change"] == pytest.approx(0.5 * 4)
+    assert summary["grad_norm"]["first_mean"] == pytest.approx(3.0) and summary["grad_norm"]["last_mean"] == 7.0
+    text = tool.format_summary(run, summary, 10)
+    assert "first 10" in text and text.count("(halves of 8 steps)") == 4 and "(halves of 4 steps)" in text
+    one_step = tool.summarise(load_curves().load_run(write_run(tmp_path / "one", [1])), window=10)
+    assert one_step["loss"]["window"] == 1 and one_step["loss"]["change"] == 0
+    long_run = tool.summarise(load_curves().load_run(write_run(tmp_path / "long", range(1, 31))), window=10)
+    assert long_run["reward_mean"]["window"] == 10 and long_run["reward_mean"]["change"] == pytest.approx(10.0)

@@ -1,4 +1,4 @@
-"""megatron_grace/kernels/sample_tokens.py: counter-based Gumbel-max sampling.
+"""kernels/sample_tokens.py: counter-based Gumbel-max sampling.
 
 * Triton kernel (interpreter on CPU, compiled on GPU) = torch reference: identical tokens, log-probs ≤ 1e-5 absolute
   (float32 online log-sum-exp vs torch.logsumexp), and log-probs = float64 log_softmax(logits / T)[token] ≤ 1e-5.

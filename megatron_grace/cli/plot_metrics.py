@@ -27,17 +27,21 @@ from pathlib import Path
 from megatron_grace.curves import PANELS, Run, load_run, metrics_path, plot_runs
 
 def summarise(run: Run, window: int = 10) -> dict[str, dict]:
-    """Per plotted metric: mean of the first and of the last ``window`` steps that have it, and the change."""
+    """Per plotted metric: mean of the first and of the last ``window`` steps that have it, and the change.
+
+    A metric logged on fewer than two windows' worth of steps is compared by halves (``window`` = half its steps,
+    at least 1), so the two means never share a step and the change shown is a real one."""
     summary = {}
     for _, keys in PANELS:
         for name in keys:
             if name in summary or not run.has(name):
                 continue
             steps, values = run.series(name)
-            first, last = values[:window], values[-window:]
+            used = max(1, min(window, len(values) // 2))
+            first, last = values[:used], values[-used:]
             first_mean, last_mean = sum(first) / len(first), sum(last) / len(last)
             summary[name] = {
-                "steps": len(values), "first_step": steps[0], "last_step": steps[-1],
+                "steps": len(values), "window": used, "first_step": steps[0], "last_step": steps[-1],
                 "first_mean": first_mean, "last_mean": last_mean, "change": last_mean - first_mean,
             }
     return summary
@@ -62,8 +66,9 @@ def format_summary(run: Run, summary: dict[str, dict], window: int) -> str:
     width = max(len(name) for name in summary)
     lines.append(f"   {'metric':<{width}}  {'first ' + str(window):>12}  {'last ' + str(window):>12}  {'change':>12}")
     for name, stats in summary.items():
+        halves = f"  (halves of {stats['steps']} steps)" if stats["window"] != window else ""
         lines.append(f"   {name:<{width}}  {stats['first_mean']:>12.4g}  {stats['last_mean']:>12.4g}  "
-                     f"{stats['change']:>+12.4g}")
+                     f"{stats['change']:>+12.4g}{halves}")
     return "\n".join(lines)
 
 

@@ -36,12 +36,12 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_grace import sample_data_dir
 from megatron_grace.default_model import resolve_cache_dir
 from megatron_grace.utils import sha256_file
 
 SUITE_VERSION = 2
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TRAINING_DATA = REPO_ROOT / "examples" / "data"
+DEFAULT_TRAINING_DATA = sample_data_dir()
 HELDOUT_SYNSETS_FILE = "heldout_synsets.txt"
 TRAINING_FILES = ("train_supervised.jsonl", "train_unsupervised.txt")
 
