@@ -73,14 +73,16 @@ else
     # embedded SmolLM2.
     #
     # The user's flags come last and win; the demo defaults that depend on other flags follow the user's values:
-    # the KL term only for GRPO (the baselines refuse it), and the PPO mini-batch a quarter of the global batch,
-    # rounded to the data-parallel size (the whole batch where that does not divide).
+    # the KL term only for GRPO (the baselines refuse it), the global batch 4 prompts or one per data-parallel rank
+    # if there are more ranks, and the PPO mini-batch a quarter of the global batch, rounded down to a multiple of
+    # the data-parallel size (the whole batch where that does not divide it).
     RUN_DIR=${SAVE_DIR:-runs/grace-smollm2-${TRAIN_MODE}}
-    global_batch=$(last_flag_value --global-batch-size 4 "$@")
     tensor_parallel=$(last_flag_value --tensor-model-parallel-size 1 "$@")
     pipeline_parallel=$(last_flag_value --pipeline-model-parallel-size 1 "$@")
     data_parallel=$(( NNODES * NPROC_PER_NODE / (tensor_parallel * pipeline_parallel) ))
     (( data_parallel >= 1 )) || data_parallel=1
+    demo_global_batch=$(( data_parallel > 4 ? data_parallel : 4 ))
+    global_batch=$(last_flag_value --global-batch-size "$demo_global_batch" "$@")
     mini_batch=$(( global_batch / 4 / data_parallel * data_parallel ))
     if (( mini_batch < 1 || global_batch % mini_batch != 0 )); then
         mini_batch=$global_batch
@@ -88,7 +90,7 @@ else
     GRACE_ARGS=(
         --train-mode "$TRAIN_MODE"
         --train-iters "${TRAIN_ITERS:-8}"
-        --global-batch-size 4
+        --global-batch-size "$demo_global_batch"
         --ppo-mini-batch-size "$mini_batch"
         --rollout-n 4
         --micro-batch-size 4
