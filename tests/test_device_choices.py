@@ -5,7 +5,7 @@ CUDA is emulated by patching the availability checks the code reads; nothing her
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
-from megatron_grace import rollout
+from megatron_grace.rollout import engine as rollout
 from megatron_grace.models import output, rope
 
 

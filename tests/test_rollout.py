@@ -28,7 +28,7 @@ from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.models.layers import SDPAttention
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
-from megatron_grace import rollout as rollout_module
+from megatron_grace.kernels import sample_tokens
 from megatron_grace.testing import HostReadCounter, tiny_hf_model
 
 EOS = 2
@@ -144,7 +144,8 @@ def test_decode_rotates_only_the_new_keys(model, monkeypatch):
         return real(t, freqs, **kwargs)
 
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counting)
-    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=False)
+    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=False,
+                           decode_step="megatron")  # our decode step rotates each new key itself (no Megatron RoPE)
     rows = requests()
     engine.generate(rows, MAX_NEW_TOKENS)
     layers, prompt_width = len(model.decoder.layers), max(len(r.prompt) for r in rows)
@@ -169,7 +170,7 @@ def test_host_reads_once_per_sync_interval(model, sync_interval):
 
 def forcing_eos_at(steps_by_seed: dict[int, int]):
     """A sample_tokens that returns EOS for the row of seed s at response index steps_by_seed[s]."""
-    real = rollout_module.sample_tokens
+    real = sample_tokens
     seeds = torch.tensor(list(steps_by_seed), dtype=torch.int64)
     steps = torch.tensor(list(steps_by_seed.values()), dtype=torch.int64)
 
@@ -181,18 +182,19 @@ def forcing_eos_at(steps_by_seed: dict[int, int]):
     return sample
 
 
-def test_finished_rows_leave_the_batch_without_changing_a_token(model, monkeypatch):
+@pytest.mark.parametrize("decode", ["ours", "megatron"])
+def test_finished_rows_leave_the_batch_without_changing_a_token(model, decode):
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (length,), generator=generator).tolist() for length in (6, 9, 7, 12)]
     rows = [RolloutRequest(prompts[row % 4], 1.0 if row < 6 else 0.5, row_seed(99, 1, sample_id=row, rollout_index=0))
             for row in range(8)]
-    monkeypatch.setattr(rollout_module, "sample_tokens",
-                        forcing_eos_at({r.seed: step for r, step in zip(rows, (0, 2, 3, 5, 7, 9))}))
+    forced = forcing_eos_at({r.seed: step for r, step in zip(rows, (0, 2, 3, 5, 7, 9))})
     max_new = 16
     results = {}
     for compact, interval in ((False, 1), (True, 1), (True, 2), (True, 5)):
         engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, sync_interval=interval,
-                               compact_finished_rows=compact)
+                               compact_finished_rows=compact, decode_step=decode)
+        engine.sampler = forced
         results[compact, interval] = (engine.generate(rows, max_new), engine.stats)
     reference, reference_stats = results[False, 1]
     lengths = [len(r.response) for r in reference]
