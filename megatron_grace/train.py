@@ -93,7 +93,9 @@ class GraceTrainer:
             self.engine = RolloutEngine(self.model,
                                         eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
                                         pad_token_id=self.pad_token_id,
-                                        sync_interval=config.rollout.rollout_sync_interval)
+                                        sync_interval=config.rollout.rollout_sync_interval,
+                                        decode_step=config.rollout.rollout_decode_step,
+                                        cuda_graphs=config.rollout.rollout_cuda_graphs)
         self.logger = MetricsLogger(config.logging, save=config.checkpoint.save, settings=config.flat(),
                                     is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
         self.watchdog = StallWatchdog(config.parallel.distributed_timeout_minutes)

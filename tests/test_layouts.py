@@ -84,3 +84,14 @@ def test_length_trimmed_microbatches_equal_the_padded_schedule(layout_results, l
 def test_trimming_cuts_the_padding(layout_results):
     share = layout_results[1]["padding_share"]
     assert share["trimmed"] < 0.5 * share["padded"], share
+
+
+def test_our_decode_step_at_tp2_equals_megatron_and_tp1(layout_results):
+    """float64: logits of our step vs the Megatron forward at the same layout ≤ 1e-10; TP2 rollouts give TP1's tokens
+    and log-probs (the sampler's are float32: ≤ 1e-6, measured 4.8e-7)."""
+    _, results = layout_results
+    cases = results["decode_step"]
+    assert set(cases) == {f"{family}/tp{tp}" for family in ("llama", "qwen2", "qwen3") for tp in (1, 2)}
+    for name, case in cases.items():
+        assert case["logits_vs_megatron"] < 1e-10, (name, case)
+        assert case["tokens_equal_tp1"] and case["log_probs_vs_tp1"] < 1e-6 and case["tokens"] > 0, (name, case)

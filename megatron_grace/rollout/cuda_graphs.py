@@ -16,12 +16,29 @@ import warnings
 import torch
 
 
+def capture_cuda_graph(run, before_capture, pool):
+    """One eager warm-up of ``run`` on a side stream (Triton compiles, the allocator settles), ``before_capture()``,
+    then the capture of ``run`` into a CUDA graph (nothing runs during a capture) sharing the memory ``pool``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
+
+
 class BucketGraphs:
-    def __init__(self, step, *, enabled: bool, results):
+    def __init__(self, step, *, capture, results):
         """``step(state, key_length)`` advances every row of ``state`` (a dict of [rows, ...] tensors) by one token
-        in place; ``results`` holds the tensors it writes besides the state (saved around the warm-up)."""
+        in place; ``results`` holds the tensors it writes besides the state (saved around the warm-up). ``capture``:
+        :func:`capture_cuda_graph`, or None to run every step eagerly on the live rows."""
         self.step = step
-        self.enabled = enabled
+        self.capture = capture
+        self.enabled = capture is not None
         self.results = results
         self.states: dict[int, dict[str, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -69,17 +86,10 @@ class BucketGraphs:
                 tensor.copy_(copy)
 
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step(state, None)
-            torch.cuda.current_stream().wait_stream(side)
-            restore()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.step(state, None)
+            graph = self.capture(lambda: self.step(state, None), restore, self.pool)
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to the same step, eagerly
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             restore()
             warnings.warn(f"the decode step runs eagerly: CUDA graph capture failed for {bucket} rows ({error})")
             self.enabled = False

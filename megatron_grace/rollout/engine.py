@@ -1,9 +1,11 @@
-"""Rollouts: sampling rationales from the policy itself with Megatron-Core's inference machinery.
+"""Rollouts: sampling rationales from the policy itself.
 
-The policy's own GPTModel stage runs generation at its training TP/PP layout: Megatron-Core's ``GPTInferenceWrapper``
-does the pipeline-parallel send/receive (without its tensor-parallel logit gathering: sampling is vocabulary-parallel)
-and a ``StaticInferenceContext`` holds the KV cache. No second copy of the weights exists and nothing is synchronised. On top of that sits a small sampling
-loop written for GRPO, which is what Megatron-Core's generic text-generation controller does not give cheaply:
+The policy's own GPTModel stage runs generation at its training TP/PP layout. The prefill goes through Megatron-Core's
+``GPTInferenceWrapper`` (pipeline send/receive, without its tensor-parallel logit gathering: sampling is
+vocabulary-parallel) and a ``StaticInferenceContext``; decoding runs our step on a static KV cache
+(:mod:`.decode_step`, one CUDA graph per row bucket on GPUs: :mod:`.cuda_graphs`), or, under pipeline parallelism,
+Megatron's wrapper again. No second copy of the weights exists and nothing is synchronised. The loop is written for
+GRPO, which is what Megatron-Core's generic text-generation controller does not give cheaply:
 
 * one prefill for the whole batch, of each distinct prompt once: the ``--rollout-n`` rows of a group share the
   prompt's KV cache. Where the attention applies masks (our SDPA core attention), prompts are left-padded and the
@@ -37,7 +39,7 @@ from ..models import rope
 from ..models.builder import config_overrides
 from ..platform import current_device, has_cuda
 from ..utils import unwrap
-from .cuda_graphs import BucketGraphs
+from .cuda_graphs import BucketGraphs, capture_cuda_graph
 from .decode_step import KVCache, decode_step, stage_weights, unsupported_reason
 
 
@@ -225,6 +227,8 @@ class RolloutEngine:
         self.decode_step = decode_step
         self.cuda_graphs = cuda_graphs
         self.sampler = sample_tokens
+        # CUDA graphs where the policy is on a GPU; tests put an emulation here to run the bucket logic on CPU.
+        self.graph_capture = capture_cuda_graph if has_cuda() else None
         self.stats = DecodeStats()
         self._reported_cache_bytes = 0
         if decode_step == "ours" and (reason := unsupported_reason(model)) is not None:
@@ -396,7 +400,8 @@ class RolloutEngine:
         live["positions"] = torch.full((batch,), prefill_end, device=device)  # the column of input_tokens
         graphs = BucketGraphs(lambda state, key_length: self._our_step(weights, cache, state, results, setup,
                                                                        key_length),
-                              enabled=self.cuda_graphs and live["rows"].is_cuda, results=results)
+                              capture=self.graph_capture if self.cuda_graphs else None,
+                              results=results)
         buckets = row_buckets(batch)
         state = graphs.state(batch, live, batch, filler_row=batch)
         for position in range(prefill_end, total):

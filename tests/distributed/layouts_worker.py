@@ -9,7 +9,10 @@ One launch re-initialises Megatron's parallel state for each layout (the world o
    the TP1PP1 run's final weights;
 4. length-trimmed micro-batches at TP1PP1 and TP2PP2 (tiny Qwen3, fp32): the one-pass forward's old log-probs and
    pooled embeddings, and a token-mean loss with its gradients, against the padded schedule (every micro-batch at
-   the batch's width, in row order).
+   the batch's width, in row order);
+5. our decode step at TP1 and TP2 (float64, every family): logits of a left-padded batch fed column by column against
+   the Megatron forward of the same layout (vocabulary shards gathered), and whole rollouts of the engine with our
+   step against TP1's (tokens, log-probs).
 Rank 0 writes every measured number to the JSON file given as argv[1]; the pytest wrapper asserts on them.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from megatron_grace.checkpointing import save_checkpoint
 from megatron_grace.utils import unwrap
 from megatron_grace.data.prompts import Prompt
 from megatron_grace.experience import SequenceBatch, one_pass_forward
-from megatron_grace.rollout import Rollout
+from megatron_grace.rollout import Rollout, RolloutEngine, RolloutRequest, row_seed
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights, save_hf_model
@@ -36,7 +39,7 @@ from megatron_grace.config import OptimConfig
 from megatron_grace.optim import optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.schedule import run_microbatches
-from megatron_grace.testing import FAMILIES, tiny_hf_model
+from megatron_grace.testing import FAMILIES, decode_logits_column_by_column, left_padded_batch, tiny_hf_model
 
 SEQ, GLOBAL_BATCH, STEPS = 16, 8, 3
 
@@ -209,6 +212,34 @@ def trimmed_microbatches(results: dict) -> None:
             "grad_rel": diffs[3].item(), "loss_value": loss_value.item()}
 
 
+def decode_step_layouts(results: dict) -> None:
+    generator = torch.Generator().manual_seed(11)
+    tokens, starts, mask = left_padded_batch([7, 3, 10], 512, generator)
+    prompts = [torch.randint(3, 512, (n,), generator=generator).tolist() for n in (4, 9)]
+    requests = [RolloutRequest(prompts[row % 2], 1.0 if row < 3 else 0.5, row_seed(5, 1, row, 0)) for row in range(4)]
+    for family in FAMILIES:
+        hf_model = tiny_hf_model(family, vocab_size=512, eos_token_id=2)
+        reference_rollouts = None
+        for tp in (1, 2):
+            set_layout(tp, 1)
+            model, arch = build_loaded(hf_model, dtype=torch.float64)
+            model.eval()
+            with torch.no_grad():
+                expected = gather_from_tensor_model_parallel_region(
+                    model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), mask))
+                ours = gather_from_tensor_model_parallel_region(decode_logits_column_by_column(model, tokens, starts))
+            real = torch.arange(tokens.shape[1]).unsqueeze(0) >= starts.unsqueeze(1)
+            diff = (ours[real][:, : arch.vocab_size] - expected[real][:, : arch.vocab_size]).abs().max()
+            rollouts = RolloutEngine(model, eos_token_ids=[2], pad_token_id=0, sync_interval=3).generate(requests, 8)
+            reference_rollouts = reference_rollouts or rollouts
+            log_prob_diff = max(abs(a - b) for ours_row, ref_row in zip(rollouts, reference_rollouts)
+                                for a, b in zip(ours_row.log_probs, ref_row.log_probs))
+            results.setdefault("decode_step", {})[f"{family}/tp{tp}"] = {
+                "logits_vs_megatron": diff.item(),
+                "tokens_equal_tp1": [r.response for r in rollouts] == [r.response for r in reference_rollouts],
+                "log_probs_vs_tp1": log_prob_diff, "tokens": sum(len(r.response) for r in rollouts)}
+
+
 def main() -> None:
     out_path = Path(sys.argv[1])
     initialize_distributed(ParallelLayout())
@@ -216,6 +247,7 @@ def main() -> None:
     logits_parity(results)
     training_equivalence(results, out_path.parent)
     trimmed_microbatches(results)
+    decode_step_layouts(results)
     if dist.get_rank() == 0:
         out_path.write_text(json.dumps(results, indent=2))
     dist.barrier()
