@@ -9,6 +9,8 @@ FLOPs per token of the forward: 2 × (matmul parameters of the decoder layers) +
 layer; log-probs of every position) + 2 × layers × sequence × attention width (causal QKᵀ and AV, half of the full
 square). Training counts 3× the forward. MFU = those FLOPs / measured seconds / ``--peak-tflops`` (default: the
 H200's dense bf16 peak, 989 TFLOP/s; pass the number of your GPU). The optimizer step is inside the timed region.
+``breakdown``: the fastest step's seconds of forward (a separate no-grad forward over the same micro-batches),
+backward (forward + backward minus that), optimizer step and gradient zeroing.
 """
 from __future__ import annotations
 
@@ -84,23 +86,41 @@ def main() -> None:
         mask = micro["response_mask"].float()
         return -(output.log_probs * mask).sum(), mask.sum().to(torch.int), {}
 
-    def step():
-        zero_grads(model, optimizer)
-        run_microbatches(model, micro_batches, loss, forward_only=False)
-        optimizer_step(model, optimizer)
-
     cuda = torch.cuda.is_available()
-    step()  # warm-up (allocations, compilation)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = []
-    for _ in range(cli.steps):
-        start = time.perf_counter()
-        step()
+
+    def timed(fn) -> float:
         if cuda:
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def forward_only():
+        with torch.no_grad():
+            run_microbatches(model, micro_batches, loss, forward_only=True)
+
+    def step() -> dict:
+        """One update, its phases timed apart: zeroing, forward + backward over the micro-batches (Megatron DDP's
+        gradient reduction inside, a no-op on one GPU) and the distributed optimizer's step."""
+        return {"zero_grad": timed(lambda: zero_grads(model, optimizer)),
+                "forward_backward": timed(lambda: run_microbatches(model, micro_batches, loss, forward_only=False)),
+                "optimizer": timed(lambda: optimizer_step(model, optimizer))}
+
+    step()  # warm-up (allocations, compilation)
+    forward_only()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    phases = [step() for _ in range(cli.steps)]
+    seconds = [sum(p.values()) for p in phases]
+    forward_seconds = min(timed(forward_only) for _ in range(cli.steps))
+    fastest = phases[seconds.index(min(seconds))]
+    breakdown = {"forward_s": forward_seconds,  # a no-grad forward: the forward share of forward_backward
+                 "backward_s": fastest["forward_backward"] - forward_seconds,
+                 "optimizer_s": fastest["optimizer"], "zero_grad_s": fastest["zero_grad"],
+                 "grad_all_reduce_s": None,  # one process: Megatron DDP has nothing to reduce
+                 "padding_share": 0.0}  # full-length random rows; a real step's shares: benchmarks/bench_step.py
     tokens = cli.micro_batch_size * cli.seq_length * cli.micro_batches
     flops = 3 * forward_flops_per_token(arch, cli.seq_length) * tokens
     best = min(seconds)
@@ -109,7 +129,8 @@ def main() -> None:
               "tokens_per_step": tokens, "seconds_per_step_best": best, "seconds_per_step": seconds,
               "tokens_per_s": tokens / best, "model_tflops_per_s": flops / best / 1e12,
               "mfu": flops / best / (cli.peak_tflops * 1e12) if cuda else None, "peak_tflops": cli.peak_tflops,
-              "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None}
+              "peak_memory_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+              "breakdown": breakdown}
     for key, value in result.items():
         print(f"{key:24s} {value}")
     if cli.output:

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# One-shot GPU check: everything CUDA-only this project has, run once on one GPU, results as one JSON and one log.
+# One-shot GPU check: everything CUDA-only this project has, run once on one GPU. Every step has its own time limit
+# and writes its status line and its JSON into the results folder the moment it ends, so a check killed from outside
+# keeps every finished step; a step whose limit no longer fits the check's budget is recorded as skipped.
 #
-#   bash benchmarks/gpu_check.sh              on the GPU machine (one H200: Python 3.12, torch 2.11 + CUDA 13,
+#   bash benchmarks/gpu_check.sh              on the GPU machine (one H100 or H200: Python 3.12, torch 2.11 + CUDA 13,
 #                                             Triton 3.6, transformers 5.17, no Transformer Engine or flash-attn)
 #   bash benchmarks/gpu_check.sh --dry-run    the same steps with tiny shapes on CPU (CI runs this)
 #
-# Steps (each under its own time limit; the whole run ends well inside 8 minutes):
-#   kernel_tests     the Triton kernels' tests, compiled for the GPU (interpreter in the dry run)
-#   tiny_training    a tiny model, 2 GRACE steps in bf16 at TP1: step 1 with save, step 2 resumed, HF export;
-#                    its metrics.jsonl gives logprob_mismatch (rollout tokens vs the one-pass forward) and peak memory
-#   smollm2_step     one GRACE step of SmolLM2-135M (random weights of its shape unless the real model is cached):
-#                    seconds per phase, padding shares
-#   rollout_decode   decode of 80 rows × 2048 new tokens on a random-weight Qwen2.5-1.5B-shaped model (the paper's
-#                    per-GPU rollout batch, EOS never drawn): tokens/s and share of the memory-bandwidth bound
+# Steps, most informative and cheapest first (each with its limit in seconds, cut to what is left of BUDGET, 340 s by
+# default, so the whole check stays under it):
+#   kernel_decode_attention   tests/test_decode_attention.py compiled for the GPU (each kernel file is its own step)
+#   bench_decode_attention    the decode attention kernel vs SDPA at 80 rows x 2,048 keys: time, share of copy bandwidth
+#   rollout_512               our graphed decode, Qwen2.5-1.5B shape (random weights, bf16), 80 rows x 512 new tokens,
+#                             EOS off; the Megatron-decoded engine for 64 tokens in the same process: ms per step,
+#                             share of the bandwidth bound, peak memory
+#   rollout_grace_eos         the same batch with a paper-like spread of response lengths (EOS honoured), cap 2,048
+#   rollout_2048              80 rows x 2,048 new tokens, EOS off
+#   tiny_training             a tiny model, bf16: 2 GRACE steps with a resume after step 1 and an HF export, and an
+#                             uninterrupted 2-step run; non-zero update, resume exact (gpu_check.py check-training)
+#   kernel_sample_tokens, kernel_masked_mean_pool, kernel_grace_rewards   the other kernel test files
+#   paper_step                one GRACE step on the Qwen2.5-1.5B shape: 16 prompts x 4 rollouts (+ query and
+#                             negative rows), 512-token rationales: rollout, forward, reward and update seconds
+#   update_mfu                the update's MFU and time breakdown on the Qwen2.5-1.5B shape
 #   bench_pooling, bench_reward   kernel bandwidth against torch eager and torch.compile
-#   update_mfu       the update's model FLOP utilisation on a random-weight Qwen2.5-1.5B-shaped model, peak memory
-# Output: $OUT (else benchmarks/results/gpu_check/) gets gpu_check.json (every step's status and numbers) and
-# gpu_check.log (all output). Megatron-Core travels as a cp312 wheel in .whl/ (installed here when not importable),
-# the SmolLM2 tokenizer in .gpu_assets/ (see benchmarks/gpu_check.py). Exit status 0 only if every step passed.
+# Output: $OUT (else benchmarks/results/gpu_check/): steps.jsonl, one JSON per step, gpu_check.log (all output, with
+# the failing test names) and, at the end, gpu_check.json (everything merged). Megatron-Core travels as a cp312 wheel
+# in .whl/ (installed here when not importable), the SmolLM2 tokenizer in .gpu_assets/ (see benchmarks/gpu_check.py).
+# Exit status 0 only if every step passed.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -28,6 +37,8 @@ mkdir -p "$results"
 work=$(mktemp -d)
 log="$results/gpu_check.log"
 : > "$log"
+: > "$results/steps.jsonl"
+budget=${BUDGET:-340}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 # Every step is a world of its own: a rendezvous inherited from the caller (a test process, a job step) would point
 # the single-process benchmarks at a port that is taken.
@@ -37,6 +48,7 @@ if (( dry_run )); then
     python=${PYTHON:-python}
     export TRITON_INTERPRET=1
     device=cpu
+    budget=${BUDGET:-1200}
 else
     python=${PYTHON:-python3}
     export TRITON_INTERPRET=0
@@ -53,52 +65,81 @@ else
 fi
 
 status=0
-# step NAME SECONDS COMMAND...: run with a time limit, append the output to the log, record status and duration.
+started=$SECONDS
+# step NAME SECONDS COMMAND...: run with a time limit (or skip it when the check's budget cannot hold the limit),
+# append the output to the log, and record status and duration at once.
 step() {
-    local name=$1 limit=$2 started=$SECONDS rc
+    local name=$1 limit=$2 begun=$SECONDS rc left
     shift 2
+    left=$(( budget - (SECONDS - started) ))
+    if (( left < 15 )); then
+        echo "== $name: skipped, $left s of the check's $budget s left" | tee -a "$log"
+        printf '{"step": "%s", "rc": -1, "seconds": 0, "skipped": "budget"}\n' "$name" >> "$results/steps.jsonl"
+        status=1
+        return
+    fi
+    (( limit <= left )) || limit=$left
     echo "== $name: $*" | tee -a "$log"
     timeout "$limit" "$@" >> "$log" 2>&1
     rc=$?
-    printf '{"step": "%s", "rc": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - started)) >> "$work/steps.jsonl"
-    echo "   rc $rc in $((SECONDS - started)) s" | tee -a "$log"
+    printf '{"step": "%s", "rc": %d, "seconds": %d}\n' "$name" "$rc" $((SECONDS - begun)) >> "$results/steps.jsonl"
+    echo "   rc $rc in $((SECONDS - begun)) s" | tee -a "$log"
     (( rc == 0 )) || status=1
 }
 
-kernel_tests=(tests/test_masked_mean_pool.py tests/test_grace_rewards.py tests/test_sample_tokens.py)
-# Under the interpreter the full kernel suites are CI's own tests already; the dry run runs the sampling one.
-(( dry_run )) && kernel_tests=(tests/test_sample_tokens.py)
-step kernel_tests 150 "$python" -m pytest -q -p no:cacheprovider "${kernel_tests[@]}"
-
-tiny="$work/tiny"
-port=$("$python" -c "from megatron_grace.platform import free_port; print(free_port())")
-train=("$python" -m torch.distributed.run --nproc-per-node 1 --master-port "$port" -m megatron_grace.train
-       --hf-model "$tiny/model" --train-data "$tiny/data.jsonl" --bf16 --tensor-model-parallel-size 1
-       --global-batch-size 2 --ppo-mini-batch-size 2 --rollout-n 4 --micro-batch-size 4 --max-prompt-length 128
-       --max-response-length 16 --sample-interval 0 --save "$tiny/run" --load "$tiny/run" --save-interval 1)
-step tiny_model 120 "$python" benchmarks/gpu_check.py tiny-model "$tiny"
-step tiny_training 150 "${train[@]}" --train-iters 1
-step tiny_training_resumed 150 "${train[@]}" --train-iters 2 --export-hf "$tiny/run/hf"
+# kernel_tests NAME SECONDS FILE: one kernel test file, its failing tests named in the log (-rf). The dry run
+# only collects the files CI runs anyway (their imports and parameters), except the decode attention's.
+kernel_tests() {
+    local only_collect=()
+    (( dry_run )) && [[ $3 != tests/test_decode_attention.py ]] && only_collect=(--collect-only)
+    step "$1" "$2" "$python" -m pytest -q -rf -p no:cacheprovider "${only_collect[@]}" "$3"
+}
 
 if (( dry_run )); then
-    smollm2_model=$tiny/model
+    attention_shape=(--rows 4 --context 128)
+    rollout_short=(--paper-shape tiny --rows 8 --max-new-tokens 16 --megatron-max-new-tokens 8)
+    rollout_eos=(--paper-shape tiny --rows 8 --max-new-tokens 32 --eos)
+    rollout_long=(--paper-shape tiny --rows 8 --max-new-tokens 48)
     step_shape=(--global-batch-size 2 --rollout-n 2 --max-response-length 8 --steps 1)
-    decode_shape=(--paper-shape tiny --rows 8 --max-new-tokens 16)
     update_shape=(--shape tiny --seq-length 64 --micro-batch-size 2 --micro-batches 2 --steps 1)
 else
-    smollm2_model=$work/smollm2
-    step smollm2_model 120 "$python" benchmarks/gpu_check.py smollm2 "$smollm2_model"
-    step_shape=(--global-batch-size 4 --rollout-n 4 --max-response-length 64 --steps 2)
-    decode_shape=(--paper-shape qwen2.5-1.5b --rows 80 --max-new-tokens 2048)
+    attention_shape=(--rows 80 --context 2048)
+    rollout_short=(--paper-shape qwen2.5-1.5b --rows 80 --max-new-tokens 512 --megatron-max-new-tokens 64)
+    rollout_eos=(--paper-shape qwen2.5-1.5b --rows 80 --max-new-tokens 2048 --eos)
+    rollout_long=(--paper-shape qwen2.5-1.5b --rows 80 --max-new-tokens 2048)
+    step_shape=(--global-batch-size 16 --rollout-n 4 --max-response-length 512 --steps 1)
     update_shape=(--shape qwen2.5-1.5b --seq-length 1024 --micro-batch-size 4 --micro-batches 4 --steps 3)
 fi
-step smollm2_step 180 "$python" benchmarks/bench_step.py --hf-model "$smollm2_model" --bf16 "${step_shape[@]}" \
-    --output "$work/smollm2_step.json"
-step rollout_decode 240 "$python" benchmarks/bench_rollout.py "${decode_shape[@]}" --output "$work/rollout_decode.json"
-step bench_pooling 150 "$python" benchmarks/bench_pooling.py --device "$device" --output "$work/bench_pooling.json"
-step bench_reward 120 "$python" benchmarks/bench_reward.py --device "$device" --output "$work/bench_reward.json"
-step update_mfu 150 "$python" benchmarks/bench_update.py "${update_shape[@]}" --output "$work/update_mfu.json"
 
-"$python" benchmarks/gpu_check.py summary "$work" "$results/gpu_check.json" 2>> "$log" | tee -a "$log"
+kernel_tests kernel_decode_attention 60 tests/test_decode_attention.py
+step bench_decode_attention 30 "$python" benchmarks/bench_decode_attention.py --device "$device" \
+    "${attention_shape[@]}" --output "$results/bench_decode_attention.json"
+step rollout_512 60 "$python" benchmarks/bench_rollout.py "${rollout_short[@]}" --repeats 1 \
+    --output "$results/rollout_512.json"
+step rollout_grace_eos 45 "$python" benchmarks/bench_rollout.py "${rollout_eos[@]}" --repeats 1 \
+    --output "$results/rollout_grace_eos.json"
+step rollout_2048 45 "$python" benchmarks/bench_rollout.py "${rollout_long[@]}" --repeats 1 \
+    --output "$results/rollout_2048.json"
+
+step tiny_training 75 "$python" benchmarks/gpu_check.py tiny-training "$work/tiny" "$results"
+
+kernel_tests kernel_sample_tokens 45 tests/test_sample_tokens.py
+kernel_tests kernel_masked_mean_pool 45 tests/test_masked_mean_pool.py
+kernel_tests kernel_grace_rewards 60 tests/test_grace_rewards.py
+
+paper_model=$work/paper_model
+if (( dry_run )); then
+    step paper_model 30 "$python" benchmarks/gpu_check.py tiny-model "$paper_model"
+    paper_model=$paper_model/model
+else
+    step paper_model 30 "$python" benchmarks/gpu_check.py paper-model "$paper_model"
+fi
+step paper_step 75 "$python" benchmarks/bench_step.py --hf-model "$paper_model" --bf16 "${step_shape[@]}" \
+    --output "$results/paper_step.json"
+step update_mfu 45 "$python" benchmarks/bench_update.py "${update_shape[@]}" --output "$results/update_mfu.json"
+step bench_pooling 30 "$python" benchmarks/bench_pooling.py --device "$device" --output "$results/bench_pooling.json"
+step bench_reward 30 "$python" benchmarks/bench_reward.py --device "$device" --output "$results/bench_reward.json"
+
+"$python" benchmarks/gpu_check.py summary "$results" "$results/gpu_check.json" 2>> "$log" | tee -a "$log"
 rm -rf "$work"
 exit $status

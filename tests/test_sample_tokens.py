@@ -11,6 +11,9 @@
   8 tokens pass a chi-square test against
   softmax(logits / T) at p = 0.001 (critical value 24.32 for 7 degrees of freedom).
 * T → 0 gives the argmax; padded vocabulary columns are never drawn.
+* On every device there is (CUDA where present, the CPU interpreter otherwise), float32 logits: the kernel draws the
+  CPU reference's tokens for the same seeds (the noise is integer arithmetic, the same on both), and its draws follow
+  the tempered softmax (the chi-square test above, run there).
 """
 import pytest
 import torch
@@ -140,3 +143,36 @@ def test_extreme_hash_values_give_finite_noise(hash_bits):
     for sample in (sample_tokens, sample_tokens_reference):
         token, log_prob = sample(logits, torch.ones(1), row_seeds, positions)
         assert int(token) != vocab_id and torch.isfinite(log_prob).all(), sample.__name__
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_on_each_device_draws_the_cpu_references_tokens(device):
+    generator = torch.Generator().manual_seed(11)
+    rows = 64
+    logits = torch.randn(rows, 151_936 if device == "cuda" else 4_000, generator=generator) * 3
+    temperatures = torch.rand(rows, generator=generator) + 0.3
+    row_seeds = torch.randint(0, 2**62, (rows,), generator=generator)
+    positions = torch.randint(0, 2048, (rows,), generator=generator)
+    expected, expected_log_probs = sample_tokens_reference(logits, temperatures, row_seeds, positions)
+    tokens, log_probs = sample_tokens(logits.to(device), temperatures.to(device), row_seeds.to(device),
+                                      positions.to(device))
+    assert torch.equal(tokens.cpu(), expected)
+    torch.testing.assert_close(log_probs.cpu(), expected_log_probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: on CPU the reference's frequencies are tested "
+                                                          "above and the interpreted kernel equals the reference")
+def test_device_frequencies_follow_the_tempered_softmax():
+    device = "cuda"
+    draws = 40_000
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2]]).expand(draws, -1).contiguous()
+    temperature = 0.8
+    tokens, _ = sample_tokens(logits.to(device), torch.full((draws,), temperature, device=device),
+                              torch.full((draws,), 777, device=device), torch.arange(draws, device=device))
+    counts = torch.bincount(tokens.cpu(), minlength=8).double()
+    expected = torch.softmax(logits[0].double() / temperature, dim=0) * draws
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 24.32, chi_square  # p = 0.001, 7 degrees of freedom
