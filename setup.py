@@ -6,7 +6,7 @@ Two folders outside ``megatron_grace/`` install into it (``package_dir``): the T
 package on PyPI), and the bundled sample data of ``examples/data`` as ``megatron_grace/sample_data/`` (package data:
 the default ``--train-data`` and the local suite's held-out list), so a wheel finds its defaults.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
     "grace-train = megatron_grace.train:main",
@@ -22,8 +22,9 @@ setup(
     version="0.1.0",
     description="GRACE (generative representation learning via contrastive policy optimisation) on Megatron-Core",
     python_requires=">=3.10",
-    packages=["megatron_grace", "megatron_grace.models", "megatron_grace.data", "megatron_grace.cli",
-              "megatron_grace.eval", "megatron_grace.kernels", "megatron_grace.sample_data"],
+    # Every package folder under megatron_grace/ (a new one is found without editing this), plus the two mapped ones.
+    packages=find_packages(include=["megatron_grace", "megatron_grace.*"]) + ["megatron_grace.kernels",
+                                                                             "megatron_grace.sample_data"],
     package_dir={"megatron_grace.kernels": "kernels", "megatron_grace.sample_data": "examples/data"},
     package_data={"megatron_grace.sample_data": ["*.jsonl", "*.txt", "README.md", "LICENSE.WordNet"]},
     # The same code as python -m megatron_grace.train and tools/*.py (megatron_grace/cli/__init__.py lists them).

@@ -3,6 +3,14 @@
 sampling settings, and what the decode loop costs the host.
 
     python benchmarks/bench_rollout.py [--hf-model DIR] [--output results/bench_rollout_cpu.json]
+    python benchmarks/bench_rollout.py --paper-shape qwen2.5-1.5b [--rows 80] [--max-new-tokens 2048]
+        [--megatron-max-new-tokens 64] [--eos] [--output FILE]
+
+``--paper-shape``: decode on a random-weight model of that shape (bf16 on a GPU), our decode step and, with
+``--megatron-max-new-tokens``, the Megatron-decoded engine in the same process: tokens/s, ms per decode step, peak
+memory, and the share of the memory-bandwidth bound (the bytes every decode step must read, weights plus the live
+rows' KV cache, over the card's measured copy bandwidth). EOS off by default (every row runs to the cap: fixed
+work); ``--eos`` ends rows at a paper-like spread of lengths.
 
 Cases: the GRACE rollout batch of the CPU demo as it was when the engine was tuned (4 prompts × 4 rollouts at T=1.0
 plus their 4 query and 4 negative rows at T=0.5, 48 new tokens; ``examples/pretrain_grace.sh`` now samples at T 0.7 up
