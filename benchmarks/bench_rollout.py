@@ -82,7 +82,8 @@ def hf_generate_rows(hf_model, rows, max_new_tokens: int, pad_token_id: int, eos
 
 
 def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos_token_ids: list[int]) -> dict:
-    from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+    from megatron_grace.rollout import RolloutEngine, RolloutRequest
+    from megatron_grace.kernels.sample_tokens import row_seed
     from megatron_grace.testing import HostReadCounter
 
     requests = [RolloutRequest(prompt, temperature, row_seed(0, 0, i, 0)) for i, (prompt, temperature)
@@ -159,7 +160,8 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
 
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
     from megatron_grace.platform import ParallelLayout, initialize_distributed
-    from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+    from megatron_grace.rollout import RolloutEngine, RolloutRequest
+    from megatron_grace.kernels.sample_tokens import row_seed
 
     initialize_distributed(ParallelLayout())
     cuda = torch.cuda.is_available()

@@ -50,7 +50,7 @@ def count_decoder_passes(model):
 def record_padding():
     """Padding shares of every micro-batch split of the step: as the step runs it (length-trimmed) and padded to
     the batch's widest row. Only where the checkout has length trimming (``SequenceBatch.token_counts``)."""
-    from megatron_grace.experience import SequenceBatch
+    from megatron_grace.grpo.experience import SequenceBatch
 
     counts = {"trimmed": [0, 0], "padded": [0, 0]}
     if not hasattr(SequenceBatch, "token_counts"):

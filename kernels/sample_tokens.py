@@ -32,6 +32,18 @@ _UNIFORM_BITS = 23
 _UNIFORM_SCALE = 1.0 / (1 << _UNIFORM_BITS)
 
 
+def row_seed(seed: int, step: int, sample_id: int, rollout_index: int) -> int:
+    """A row's 63-bit sampling seed from the run seed and the row's identity (SplitMix64 finaliser of a mixed key):
+    what the counter-based noise below is keyed on, so a row's tokens depend on nothing else."""
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sample_id * 0x94D049BB133111EB
+             + rollout_index * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
+    value ^= value >> 30
+    value = (value * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value ^= value >> 27
+    value = (value * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (value ^ (value >> 31)) >> 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Counter-based noise: the same integer arithmetic in torch and in Triton (int64 lanes holding 32-bit values)
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Megatron's pipeline schedules back-propagate one micro-batch at a time, but an i
 global batch. The step therefore runs in two passes (GradCache, Gao et al. 2021; sentence-transformers'
 ``CachedMultipleNegativesRankingLoss`` does the same):
 
-1. the one-pass forward (:func:`~megatron_grace.experience.one_pass_forward`, no grad) gives every row's pooled
+1. the one-pass forward (:func:`~megatron_grace.grpo.experience.one_pass_forward`, no grad) gives every row's pooled
    embedding on the last pipeline stage; the embeddings are all-gathered over data-parallel ranks, every rank
    evaluates the full loss on a leaf copy and back-propagates it to the embeddings (a [rows, H] tensor: cheap);
 2. the usual forward/backward schedule over the same micro-batches with the surrogate loss Σ_rows ⟨pooled, ∂L/∂pooled⟩,
@@ -26,17 +26,20 @@ exactly and do not depend on the pipeline layout.
 """
 from __future__ import annotations
 
-import time
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from .config import ObjectiveConfig, TrainingConfig
 from .data.dataset import GraceExample
 from .data.prompts import Prompt
-from .experience import SequenceBatch, one_pass_forward, pool_hidden
-from .reward import all_gather_data_parallel
+from .grpo.experience import SequenceBatch, one_pass_forward, pool_hidden
+from .grpo.reward import all_gather_data_parallel
+from .kernels.sample_tokens import row_seed
+from .metrics import contrastive_step_metrics
 from .rollout import Rollout
 from .schedule import StageOutput, run_microbatches
 
@@ -128,25 +131,55 @@ def surrogate_loss(micro: dict, output: StageOutput):
 
 def contrastive_backward(model, batch: SequenceBatch, rows: ContrastiveRows, *, micro_batch_size: int,
                          temperature: float, hidden_size: int, dropout_seed: int | None = None,
-                         timings: dict | None = None) -> tuple[list[dict], dict[str, float]]:
+                         phase=None) -> tuple[list[dict], dict[str, float]]:
     """Both passes of a contrastive step over this rank's ``batch`` (the rows of ``rows``): afterwards the model's
     gradient buffers hold ∂(mean loss)/∂θ, reduced over data-parallel ranks, ready for the optimizer step. Returns
     the surrogate's per-micro-batch outputs (last stage) and the loss metrics of :func:`loss_and_embedding_grads`
-    (empty off the last stage); ``timings`` gets the seconds of the phases forward, loss and update."""
-    timings = {} if timings is None else timings
-    start = time.perf_counter()
-    embeddings = one_pass_forward(model, batch, micro_batch_size, dropout_seed=dropout_seed).embeddings
-    timings["forward"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    embedding_grads, metrics = torch.zeros(len(batch), hidden_size), {}
-    if parallel_state.is_pipeline_last_stage():
-        embedding_grads, metrics = loss_and_embedding_grads(embeddings, rows, temperature)
-    timings["loss"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    micro = batch.microbatches(micro_batch_size, row_vectors={"embedding_grads": embedding_grads},
-                               is_anchor=rows.anchor_mask())
-    outputs = run_microbatches(model, micro, surrogate_loss, forward_only=False, dropout_seed=dropout_seed)
-    timings["update"] = time.perf_counter() - start
+    (empty off the last stage). ``phase(name)``: a context that times the phases forward, loss and update
+    (:class:`~megatron_grace.reliability.StepPhases` bound to the step)."""
+    phase = phase or (lambda name: contextlib.nullcontext())
+    with phase("forward"):
+        embeddings = one_pass_forward(model, batch, micro_batch_size, dropout_seed=dropout_seed).embeddings
+    with phase("loss"):
+        embedding_grads, metrics = torch.zeros(len(batch), hidden_size), {}
+        if parallel_state.is_pipeline_last_stage():
+            embedding_grads, metrics = loss_and_embedding_grads(embeddings, rows, temperature)
+    with phase("update"):
+        micro = batch.microbatches(micro_batch_size, row_vectors={"embedding_grads": embedding_grads},
+                                   is_anchor=rows.anchor_mask())
+        outputs = run_microbatches(model, micro, surrogate_loss, forward_only=False, dropout_seed=dropout_seed)
     return outputs, metrics
+
+
+@dataclass
+class ContrastiveStep:
+    """One step of a contrastive baseline on this rank's examples, the shape of :class:`~megatron_grace.grpo.GrpoStep`:
+    embed the rows without rationale, the in-batch loss and its embedding gradients, one optimizer step."""
+
+    model: object
+    optimizer: object  # GuardedOptimizer
+    phases: object  # StepPhases
+    training: TrainingConfig
+    objective: ObjectiveConfig
+    hidden_size: int
+    pad_token_id: int
+    length_multiple: int
+    is_last_stage: bool
+
+    def __call__(self, examples: list, step: int, *, lr_of, **unused) -> dict:
+        rows = ContrastiveRows.build(examples, self.objective.algorithm)
+        batch = rows.sequence_batch(pad_token_id=self.pad_token_id, length_multiple=self.length_multiple)
+        # SimCSE's two views differ by their dropout masks; the update replays the masks of the embedding pass.
+        dropout_seed = (row_seed(self.training.seed, step - 1, 0, 0) if self.objective.hidden_dropout > 0
+                        else None)
+        timings = self.phases.begin_step()
+        self.optimizer.begin_update()
+        outputs, loss_metrics = contrastive_backward(
+            self.model, batch, rows, micro_batch_size=self.training.micro_batch_size,
+            temperature=self.objective.contrastive_temperature, hidden_size=self.hidden_size,
+            dropout_seed=dropout_seed, phase=lambda name: self.phases(name, step))
+        with self.phases("update", step):
+            _, grad_norm = self.optimizer.finish_update(step, outputs)
+        return contrastive_step_metrics(step, batch, loss_metrics, grad_norm, timings,
+                                        micro_batch_size=self.training.micro_batch_size,
+                                        is_last_stage=self.is_last_stage, lr=lr_of())

@@ -11,6 +11,7 @@ The fault-injection tests trip these guards through :mod:`megatron_grace.faults`
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import shutil
@@ -179,3 +180,27 @@ class StallWatchdog:
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(self.EXIT_CODE)
+
+
+class StepPhases:
+    """The stages of one training step, each timed and watched: ``with phases("rollout", step): ...`` tells the stall
+    watchdog which stage runs and adds the stage's seconds to :attr:`seconds` (a fresh dict per step, after
+    :meth:`begin_step`)."""
+
+    def __init__(self, watchdog: StallWatchdog):
+        self.watchdog = watchdog
+        self.seconds: dict[str, float] = {}
+
+    def begin_step(self) -> dict[str, float]:
+        self.seconds = {}
+        return self.seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, step: int):
+        self.watchdog.enter(name, step)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+

@@ -55,7 +55,7 @@ def run_microbatches(model, microbatches: list[dict], loss_fn: Callable, *, forw
 
 @contextlib.contextmanager
 def _replayed_dropout(stage, seed: int):
-    from .rollout import row_seed
+    from .kernels.sample_tokens import row_seed
 
     microbatch = [-1]
 

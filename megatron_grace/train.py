@@ -1,20 +1,12 @@
 """GRACE training on Megatron-Core: ``torchrun ... -m megatron_grace.train [flags]`` (``examples/pretrain_grace.sh``).
 
-One GRPO step, top to bottom (:meth:`GraceTrainer.grpo_step`):
-
-1. data      the next global batch of prompts; this data-parallel rank takes its contiguous slice of groups
-2. rollout   the policy samples ``--rollout-n`` rationales per prompt at T=1.0, plus one query (anchor) rationale and
-             one per negative at T=0.5, all in one batch, on its own TP/PP layout
-3. forward   ONE no-grad forward over prompt ⊕ rationale: old log-probs of the rationale tokens and pooled embeddings
-4. reward    cosine-similarity rewards over the global batch (embeddings all-gathered over DP), length penalty
-5. advantage reward minus the group mean (optionally / std)
-6. update    PPO clipped surrogate with dual clip, token-mean over each mini-batch, one optimizer step per mini-batch
-7. log, sample, checkpoint
+:class:`GraceTrainer` sets up the policy, its optimizer, data and checkpoints, picks the step of ``--algorithm`` once
+(:class:`~megatron_grace.grpo.GrpoStep`, read top to bottom there, or
+:class:`~megatron_grace.contrastive.ContrastiveStep` for the baselines), runs the loop and saves.
 """
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from .console import configure_console, timed_phase
@@ -25,27 +17,23 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from . import faults
 from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import GraceConfig, parse_args
-from .contrastive import NO_RATIONALE, ContrastiveRows, contrastive_backward
+from .contrastive import NO_RATIONALE, ContrastiveStep
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
-from .experience import SequenceBatch, one_pass_forward
-from .grpo import group_advantages
-from .metrics import MetricsLogger, contrastive_step_metrics, grpo_step_metrics, rationale_samples
+from .grpo import GrpoStep
+from .grpo.experience import SequenceBatch, one_pass_forward
+from .metrics import MetricsLogger
 from .models import architecture_from_hf_dir
 from .models.builder import build_gpt_model, make_transformer_config
 from .models.convert import export_to_hf
 from .models.hf_io import eos_token_ids, load_hf_weights
 from .optim import GuardedOptimizer, wrap_for_training
 from .platform import ParallelLayout, initialize_distributed
-from .reliability import (NonFiniteGuard, StallWatchdog, check_finite_weights, check_save_location,
+from .reliability import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
                           checkpoint_size_estimate)
-from .reward import compute_rewards
-from .rollout import RolloutEngine, RolloutRequest, row_seed
-from .step_rows import GrpoRows
-from .update import grpo_update
+from .rollout import RolloutEngine, RolloutRequest
 
 
 def log0(message: str) -> None:
@@ -88,19 +76,30 @@ class GraceTrainer:
         if self.checkpoint is not None:
             with timed_phase(f"loaded {self.checkpoint}", printer=log0):
                 self._resume()
-        self.engine = None
-        if config.objective.algorithm == "grace":
-            self.engine = RolloutEngine(self.model,
-                                        eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
-                                        pad_token_id=self.pad_token_id,
-                                        sync_interval=config.rollout.rollout_sync_interval,
-                                        decode_step=config.rollout.rollout_decode_step,
-                                        cuda_graphs=config.rollout.rollout_cuda_graphs)
         self.logger = MetricsLogger(config.logging, save=config.checkpoint.save, settings=config.flat(),
                                     is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
         self.watchdog = StallWatchdog(config.parallel.distributed_timeout_minutes)
+        self.engine = None
+        self.algorithm_step = self._build_step(StepPhases(self.watchdog))
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _build_step(self, phases: StepPhases):
+        """The step of ``--algorithm``, built once: GRPO with its rollout engine, or a contrastive baseline."""
+        config = self.config
+        common = dict(model=self.model, optimizer=self.optimizer, phases=phases, training=config.training,
+                      objective=config.objective, pad_token_id=self.pad_token_id,
+                      length_multiple=self._length_multiple(), is_last_stage=self.is_last_stage)
+        if config.objective.algorithm != "grace":
+            return ContrastiveStep(hidden_size=self.arch.hidden_size, **common)
+        rollout = config.rollout
+        self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
+                                    pad_token_id=self.pad_token_id, sync_interval=rollout.rollout_sync_interval,
+                                    decode_step=rollout.rollout_decode_step, cuda_graphs=rollout.rollout_cuda_graphs)
+        return GrpoStep(reference=self.reference, engine=self.engine, nonfinite=self.nonfinite, rollout=rollout,
+                        train_mode=config.data.train_mode, num_negatives=self.dataset.num_negatives,
+                        log_samples=self.logger.samples if self.logger.is_logging_rank else None,
+                        tokenizer=self.tokenizer, **common)
+
     def _find_checkpoint(self) -> Path | None:
         checkpoint_config = self.config.checkpoint
         if not checkpoint_config.load:
@@ -150,110 +149,18 @@ class GraceTrainer:
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        """One step of ``--algorithm`` on the next global batch: the step's metrics, its skipped updates and the
-        sample ids of its batch."""
+        """One step of ``--algorithm`` on the next global batch (this rank's contiguous slice of its groups): the
+        step's metrics, its skipped updates and the sample ids of its batch."""
         step = self.iteration + 1
-        global_batch, examples = self._next_examples()
-        algorithm_step = self.grpo_step if self.config.objective.algorithm == "grace" else self.contrastive_step
-        metrics = algorithm_step(examples, step)
+        global_batch = self.sampler.next_batch()
+        local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
+        sampled = self._is_sampled_step(step)
+        metrics = self.algorithm_step([self.dataset[i] for i in local], step, with_lengths=sampled, sample=sampled,
+                                      lr_of=lambda: self.optimizer.lr)
+        self.iteration = step
         metrics["skipped_updates"] = self.nonfinite.finish_step(step)
         metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
         self.watchdog.idle()
-        return metrics
-
-    def grpo_step(self, examples: list, step: int) -> dict:
-        config, timings, n = self.config, {}, self.config.rollout.rollout_n
-
-        # 1. data: whole groups per data-parallel rank.
-        rows = GrpoRows(examples, n, self.dataset.num_negatives)
-
-        # 2. rollout: main rows (group-major), then one query row per group, then one row per group and negative.
-        self.watchdog.enter("rollout", step)
-        start = time.perf_counter()
-        temperatures = {"rollout_temperature": config.rollout.rollout_temperature,
-                        "query_temperature": config.rollout.query_temperature}
-        requests = rows.requests(seed=config.training.seed, step=self.iteration, **temperatures)
-        rollouts = self.engine.generate(requests, config.rollout.max_response_length)
-        timings["rollout"] = time.perf_counter() - start
-
-        # 3. one no-grad forward: old log-probs + pooled embeddings (last pipeline stage), under each row's sampling
-        # distribution softmax(logits / T), as the rollout sampled it.
-        self.watchdog.enter("forward", step)
-        start = time.perf_counter()
-        batch = SequenceBatch.build(rows.prompts(), rollouts, pad_token_id=self.pad_token_id,
-                                    length_multiple=self._length_multiple())
-        row_temperatures = rows.temperatures(**temperatures)
-        micro_batch_size = config.training.micro_batch_size
-        experience = one_pass_forward(self.model, batch, micro_batch_size, temperatures=row_temperatures)
-        reference_log_probs = (one_pass_forward(self.reference, batch, micro_batch_size,
-                                                temperatures=row_temperatures).old_log_probs
-                               if self.reference is not None else None)
-        timings["forward"] = time.perf_counter() - start
-
-        # 4-5. rewards and advantages for this rank's main rows (last stage; other stages only need shapes).
-        self.watchdog.enter("reward", step)
-        start = time.perf_counter()
-        truncated = torch.tensor([r.truncated for r in rollouts[rows.main]])
-        rewards = advantages = None
-        if self.is_last_stage:
-            embeddings = experience.embeddings
-            rewards = compute_rewards(embeddings[rows.main], embeddings[rows.query], rows.negatives_view(embeddings),
-                                      truncated, n, config.objective, mode=config.data.train_mode)
-            faults.nonfinite("reward", step, rewards["total"])
-            advantages = group_advantages(rewards["total"], n, norm_by_std=config.objective.norm_adv_by_std)
-        timings["reward"] = time.perf_counter() - start
-
-        # 6. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
-        self.watchdog.enter("update", step)
-        start = time.perf_counter()
-        rewards_finite = self.nonfinite.check(step, "reward", [rewards["total"]] if rewards else [])
-        update = (grpo_update(self.model, self.optimizer, batch, experience, reference_log_probs, advantages, rows,
-                              row_temperatures, config=config, step=step)
-                  if rewards_finite else {"grad_norm": float("nan")})
-        timings["update"] = time.perf_counter() - start
-        self.iteration += 1
-
-        # 7. metrics and, at sampled steps, the first group's rationales.
-        metrics = grpo_step_metrics(self.iteration, batch, rollouts, rows, experience, rewards, advantages, update,
-                                    timings, config=config, is_last_stage=self.is_last_stage,
-                                    with_lengths=self._is_sampled_step(self.iteration),
-                                    lr=self.optimizer.lr)
-        if self._is_sampled_step(self.iteration) and self.logger.is_logging_rank:
-            first_rewards = rewards["total"][rows.first_group].tolist() if rewards else [None] * n
-            self.logger.samples(rationale_samples(self.iteration, examples[0], rollouts[rows.first_group],
-                                                  first_rewards, self.tokenizer))
-        return metrics
-
-    def _next_examples(self) -> tuple[list[int], list]:
-        """The global batch's dataset indices and this data-parallel rank's examples (a contiguous slice)."""
-        global_batch = self.sampler.next_batch()
-        local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
-        return global_batch, [self.dataset[i] for i in local]
-
-    def contrastive_step(self, examples: list, step: int) -> dict:
-        """One step of a contrastive baseline (``--algorithm infonce | simcse``, :mod:`megatron_grace.contrastive`):
-        embed the rows without rationale, the in-batch loss and its embedding gradients, one optimizer step."""
-        config, timings = self.config, {}
-        rows = ContrastiveRows.build(examples, config.objective.algorithm)
-        batch = rows.sequence_batch(pad_token_id=self.pad_token_id, length_multiple=self._length_multiple())
-        # SimCSE's two views differ by their dropout masks; the update replays the masks of the embedding pass.
-        dropout_seed = (row_seed(config.training.seed, self.iteration, 0, 0)
-                        if config.objective.hidden_dropout > 0 else None)
-
-        self.watchdog.enter("update", step)
-        self.optimizer.begin_update()
-        outputs, loss_metrics = contrastive_backward(
-            self.model, batch, rows, micro_batch_size=config.training.micro_batch_size,
-            temperature=config.objective.contrastive_temperature, hidden_size=self.arch.hidden_size,
-            dropout_seed=dropout_seed, timings=timings)
-        start = time.perf_counter()
-        _, grad_norm = self.optimizer.finish_update(step, outputs)
-        timings["update"] += time.perf_counter() - start
-        self.iteration += 1
-
-        metrics = contrastive_step_metrics(self.iteration, batch, loss_metrics, grad_norm, timings,
-                                           micro_batch_size=config.training.micro_batch_size,
-                                           is_last_stage=self.is_last_stage, lr=self.optimizer.lr)
         return metrics
 
     def _is_sampled_step(self, step: int) -> bool:

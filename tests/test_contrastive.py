@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_grace.contrastive import ContrastiveRows, contrastive_backward, info_nce_loss_sum
 from megatron_grace.data.prompts import PromptBuilder
-from megatron_grace.experience import one_pass_forward, pool_hidden
+from megatron_grace.grpo.experience import one_pass_forward, pool_hidden
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights

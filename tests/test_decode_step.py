@@ -27,7 +27,8 @@ from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
-from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+from megatron_grace.rollout import RolloutEngine, RolloutRequest
+from megatron_grace.kernels.sample_tokens import row_seed
 from megatron_grace.rollout.decode_step import KVCache, decode_step, stage_weights
 from megatron_grace.rollout.engine import RolloutResults, SamplingSetup, sample_and_record
 from megatron_grace.testing import FAMILIES, decode_logits_column_by_column, left_padded_batch, tiny_hf_model

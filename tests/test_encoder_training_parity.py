@@ -5,7 +5,7 @@ import torch
 
 from megatron_grace.data.prompts import PromptBuilder
 from megatron_grace.eval.encoder import GraceEncoder
-from megatron_grace.experience import SequenceBatch, one_pass_forward
+from megatron_grace.grpo.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_dir
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights

@@ -6,7 +6,7 @@ it with CPU tensors in one operation, as it refuses CUDA and CPU.
 """
 import torch
 
-from megatron_grace.experience import logprob_mismatch_sum
+from megatron_grace.grpo.experience import logprob_mismatch_sum
 from megatron_grace.rollout import Rollout
 
 

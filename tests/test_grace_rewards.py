@@ -183,7 +183,7 @@ def test_rows_must_be_groups_times_group_size():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Each term's share of the advantage variance (megatron_grace.reward.advantage_variance_sums).
+# Each term's share of the advantage variance (megatron_grace.grpo.reward.advantage_variance_sums).
 # ----------------------------------------------------------------------------------------------------------------
 def shares_by_hand(terms, truncated, group_size, weights, penalty):
     """cov(centred contribution, advantage) / var(advantage) with explicit loops in float64; a truncated row's
@@ -207,7 +207,7 @@ def shares_by_hand(terms, truncated, group_size, weights, penalty):
 def test_advantage_shares_add_up_and_show_the_cancellation(variant):
     from megatron_grace.kernels.grace_rewards import term_weights
     from megatron_grace.config import ObjectiveConfig
-    from megatron_grace.reward import ADVANTAGE_SHARE_TERMS, advantage_variance_sums
+    from megatron_grace.grpo.reward import ADVANTAGE_SHARE_TERMS, advantage_variance_sums
 
     num_groups, group_size = 3, 4
     main, query, negative = random_inputs(num_groups, group_size, 3, 16, torch.float64)

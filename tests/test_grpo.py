@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from megatron_grace.data.prompts import Prompt
-from megatron_grace.experience import SequenceBatch
-from megatron_grace.grpo import (apply_length_penalty, group_advantages, low_var_kl,
+from megatron_grace.grpo.experience import SequenceBatch
+from megatron_grace.grpo.losses import (apply_length_penalty, group_advantages, low_var_kl,
                                  ppo_clipped_token_losses, vocab_parallel_entropy)
-from megatron_grace.rollout import Rollout, row_seed
+from megatron_grace.rollout import Rollout
+from megatron_grace.kernels.sample_tokens import row_seed
 
 
 def test_length_penalty_replaces_the_reward():

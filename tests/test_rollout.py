@@ -21,13 +21,14 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_grace.data.prompts import Prompt
-from megatron_grace.experience import SequenceBatch, one_pass_forward
+from megatron_grace.grpo.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights
 from megatron_grace.models.layers import SDPAttention
 from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
-from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed
+from megatron_grace.rollout import RolloutEngine, RolloutRequest
+from megatron_grace.kernels.sample_tokens import row_seed
 from megatron_grace.kernels import sample_tokens
 from megatron_grace.testing import HostReadCounter, tiny_hf_model
 

@@ -57,17 +57,6 @@ class Rollout:
     truncated: bool  # hit the maximum response length without EOS
 
 
-def row_seed(seed: int, step: int, sample_id: int, rollout_index: int) -> int:
-    """A 63-bit seed from the run seed and the row's identity (SplitMix64 finaliser of a mixed key)."""
-    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sample_id * 0x94D049BB133111EB
-             + rollout_index * 0xD6E8FEB86659FD93) & 0xFFFFFFFFFFFFFFFF
-    value ^= value >> 30
-    value = (value * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value ^= value >> 27
-    value = (value * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (value ^ (value >> 31)) >> 1
-
-
 def decode_overrides() -> dict:
     """TransformerConfig fields set while decoding. On CPU, Megatron's compiled SwiGLU costs more per call (guards,
     dispatch) than the work of one token per row, so decoding takes its eager path (the same arithmetic); on CUDA the

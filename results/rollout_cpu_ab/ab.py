@@ -20,7 +20,8 @@ from megatron_grace.config import parse_args  # noqa: E402
 from megatron_grace.models.hf_io import eos_token_ids  # noqa: E402
 from megatron_grace.models.layers import RotatedKeyCacheSelfAttention  # noqa: E402
 from megatron_grace.platform import ParallelLayout, initialize_distributed  # noqa: E402
-from megatron_grace.rollout import RolloutEngine, RolloutRequest, row_seed  # noqa: E402
+from megatron_grace.rollout import RolloutEngine, RolloutRequest  # noqa: E402
+from megatron_grace.kernels.sample_tokens import row_seed
 from megatron_grace.train import GraceTrainer  # noqa: E402
 from megatron_grace.utils import unwrap  # noqa: E402
 

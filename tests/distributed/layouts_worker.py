@@ -29,8 +29,9 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_grace.checkpointing import save_checkpoint
 from megatron_grace.utils import unwrap
 from megatron_grace.data.prompts import Prompt
-from megatron_grace.experience import SequenceBatch, one_pass_forward
-from megatron_grace.rollout import Rollout, RolloutEngine, RolloutRequest, row_seed
+from megatron_grace.grpo.experience import SequenceBatch, one_pass_forward
+from megatron_grace.rollout import Rollout, RolloutEngine, RolloutRequest
+from megatron_grace.kernels.sample_tokens import row_seed
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights, save_hf_model

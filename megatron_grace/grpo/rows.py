@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.dataset import GraceExample
-from .data.prompts import Prompt
-from .rollout import RolloutRequest, row_seed
+from ..data.dataset import GraceExample
+from ..data.prompts import Prompt
+from ..rollout import RolloutRequest
+from ..kernels.sample_tokens import row_seed
 
 
 @dataclass(frozen=True)

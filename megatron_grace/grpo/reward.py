@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .config import ObjectiveConfig
-from .grpo import apply_length_penalty, group_advantages
-from .kernels import grace_rewards
-from .kernels.grace_rewards import REWARD_TERMS, term_weights
+from ..config import ObjectiveConfig
+from .losses import apply_length_penalty, group_advantages
+from ..kernels import grace_rewards
+from ..kernels.grace_rewards import REWARD_TERMS, term_weights
 
 
 # The parts of a reward whose share of the advantage variance is logged (advantage_share_<term>).

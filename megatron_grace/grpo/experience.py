@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from .data.prompts import Prompt
-from .kernels import all_reduce_masked_mean, masked_mean_pool, masked_sum_pool_partial
-from .kernels.masked_mean_pool import raise_on_empty_rows
-from .platform import current_device
-from .rollout import Rollout
-from .schedule import run_microbatches
+from ..data.prompts import Prompt
+from ..kernels import all_reduce_masked_mean, masked_mean_pool, masked_sum_pool_partial
+from ..kernels.masked_mean_pool import raise_on_empty_rows
+from ..platform import current_device
+from ..rollout import Rollout
+from ..schedule import run_microbatches
 
 
 @dataclass

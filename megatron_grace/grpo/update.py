@@ -8,24 +8,25 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
-from . import faults
-from .config import GraceConfig, ObjectiveConfig
+from .. import faults
+from ..config import ObjectiveConfig, TrainingConfig
 from .experience import Experience, SequenceBatch
-from .grpo import low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
-from .optim import GuardedOptimizer
-from .schedule import StageOutput, run_microbatches
-from .step_rows import GrpoRows
+from .losses import low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
+from ..optim import GuardedOptimizer
+from ..schedule import StageOutput, run_microbatches
+from .rows import GrpoRows
 
 
 def grpo_update(model, optimizer: GuardedOptimizer, batch: SequenceBatch, experience: Experience,
                 reference_log_probs: torch.Tensor | None, advantages: torch.Tensor | None, rows: GrpoRows,
-                temperatures: torch.Tensor, *, config: GraceConfig, step: int) -> dict:
+                temperatures: torch.Tensor, *, training: TrainingConfig, objective: ObjectiveConfig,
+                step: int) -> dict:
     """The policy update over this rank's main rows. Only the last pipeline stage holds the old log-probs, the
     reference log-probs and the advantages; the other stages pass zeros of the same shapes, which their loss never
     reads. Returns the summed loss metrics of the applied updates, the token counts and the largest grad norm."""
-    training, is_last_stage = config.training, parallel_state.is_pipeline_last_stage()
+    is_last_stage = parallel_state.is_pipeline_last_stage()
     rows_per_mini_batch = (training.ppo_mini_batch_size // parallel_state.get_data_parallel_world_size()
-                           * config.rollout.rollout_n)
+                           * rows.rollout_n)
     width = batch.tokens.shape[1] - 1
     old_log_probs = experience.old_log_probs if is_last_stage else torch.zeros(len(batch), width)
     if advantages is None:
@@ -36,7 +37,7 @@ def grpo_update(model, optimizer: GuardedOptimizer, batch: SequenceBatch, experi
         per_row["reference_log_probs"] = (reference_log_probs if is_last_stage
                                           else torch.zeros(len(batch), width))[rows.main]
     main = batch.select(rows.main)
-    loss_fn = partial(policy_loss, objective=config.objective, step=step)
+    loss_fn = partial(policy_loss, objective=objective, step=step)
     totals: dict[str, float] = {}
     grad_norms = []
     for _ in range(training.ppo_epochs):
@@ -49,7 +50,7 @@ def grpo_update(model, optimizer: GuardedOptimizer, batch: SequenceBatch, experi
             totals["update_real_tokens"] = totals.get("update_real_tokens", 0.0) + real
             optimizer.begin_update()
             outputs = run_microbatches(model, micro, loss_fn, forward_only=False,
-                                       need_logits=config.objective.entropy_coef > 0)
+                                       need_logits=objective.entropy_coef > 0)
             applied, grad_norm = optimizer.finish_update(step, outputs)
             grad_norms.append(grad_norm)
             if not applied:
