@@ -23,7 +23,7 @@ import torch
 
 from megatron_grace.kernels.decode_attention import (decode_attention_torch, decode_attention_triton,
                                                      default_num_splits)
-from megatron_grace.kernels.masked_mean_pool import use_triton
+from megatron_grace.kernels._triton import use_triton
 
 
 def cpu_seconds(fn, repeats=5):
@@ -68,7 +68,7 @@ def main() -> None:
               "kv_heads": cli.kv_heads, "head_dim": cli.head_dim, "kv_bytes": cache_bytes,
               "num_splits": default_num_splits(cli.rows, cli.kv_heads, cli.context, query.device), "cases": {}}
     if cuda:
-        from bench_pooling import device_copy_bandwidth, gpu_seconds_and_peak_bytes
+        from _measure import device_copy_bandwidth, gpu_seconds_and_peak_bytes
 
         copy_bandwidth = device_copy_bandwidth()
         result["copy_bandwidth_gbps"] = round(copy_bandwidth / 1e9, 1)

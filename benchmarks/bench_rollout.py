@@ -155,7 +155,7 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
     tokens), interleaved, best of ``repeats``. Without ``eos`` no row ends early (fixed work: every row runs to the
     cap); with it, rows end at :func:`paper_lengths`. Against the memory-bandwidth bound: each decode step must read
     the weights and the live rows' KV cache of the context so far once."""
-    from bench_pooling import device_copy_bandwidth, matmul_tflops
+    from _measure import device_copy_bandwidth, matmul_tflops
     from bench_update import architecture
 
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config

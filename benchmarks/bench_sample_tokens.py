@@ -13,7 +13,7 @@ the logits) with the old host sampler on the same logits, as a ratio from one ru
 """
 import torch
 
-from bench_pooling import best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, print_table, run_cli
+from _measure import best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, print_table, run_cli
 from megatron_grace.kernels import sample_tokens_reference
 from megatron_grace.kernels.sample_tokens import _local_sample_triton, _sample
 

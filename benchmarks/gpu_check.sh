@@ -22,7 +22,7 @@
 #   paper_step                one GRACE step on the Qwen2.5-1.5B shape: 16 prompts x 4 rollouts (+ query and
 #                             negative rows), 512-token rationales: rollout, forward, reward and update seconds
 #   update_mfu                the update's MFU and time breakdown on the Qwen2.5-1.5B shape
-#   bench_pooling, bench_reward   kernel bandwidth against torch eager and torch.compile
+#   bench_masked_mean_pool, bench_grace_rewards   kernel bandwidth against torch eager and torch.compile
 # Output: $OUT (else benchmarks/results/gpu_check/): steps.jsonl, one JSON per step, gpu_check.log (all output, with
 # the failing test names) and, at the end, gpu_check.json (everything merged). Megatron-Core travels as a cp312 wheel
 # in .whl/ (installed here when not importable), the SmolLM2 tokenizer in .gpu_assets/ (see benchmarks/gpu_check.py).
@@ -137,8 +137,10 @@ fi
 step paper_step 75 "$python" benchmarks/bench_step.py --hf-model "$paper_model" --bf16 "${step_shape[@]}" \
     --output "$results/paper_step.json"
 step update_mfu 45 "$python" benchmarks/bench_update.py "${update_shape[@]}" --output "$results/update_mfu.json"
-step bench_pooling 30 "$python" benchmarks/bench_pooling.py --device "$device" --output "$results/bench_pooling.json"
-step bench_reward 30 "$python" benchmarks/bench_reward.py --device "$device" --output "$results/bench_reward.json"
+step bench_masked_mean_pool 30 "$python" benchmarks/bench_masked_mean_pool.py --device "$device" \
+    --output "$results/bench_masked_mean_pool.json"
+step bench_grace_rewards 30 "$python" benchmarks/bench_grace_rewards.py --device "$device" \
+    --output "$results/bench_grace_rewards.json"
 
 "$python" benchmarks/gpu_check.py summary "$results" "$results/gpu_check.json" 2>> "$log" | tee -a "$log"
 rm -rf "$work"

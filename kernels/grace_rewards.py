@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .masked_mean_pool import NORM_EPS, TRITON_INTERPRETED, use_triton
+from ._triton import TRITON_INTERPRETED, use_triton
+from .masked_mean_pool import NORM_EPS
 
 REWARD_TERMS = ("total", "pos", "neg", "clust", "cross")
 MODES = ("supervised", "unsupervised")

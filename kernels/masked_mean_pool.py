@@ -13,9 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# Read once at import, when triton.jit decides whether the kernels below are built for the interpreter; reading the
-# environment again later could send CPU tensors to compiled GPU kernels.
-TRITON_INTERPRETED = triton.knobs.runtime.interpret
+from ._triton import TRITON_INTERPRETED, use_triton
+
 # Same clamp as torch.nn.functional.normalize, so both paths agree on (near-)zero rows.
 NORM_EPS = 1e-12
 
@@ -51,11 +50,6 @@ def raise_on_empty_rows(counts):
     if empty_rows:
         raise ValueError(f"masked_mean_pool: row(s) {empty_rows} have no valid token in the pooling mask "
                          f"(the mean would be NaN); check the system-prompt length and padding of those rows")
-
-
-def use_triton(tensor):
-    """Triton on CUDA tensors, or on any device when the kernels were built for the interpreter."""
-    return tensor.is_cuda or TRITON_INTERPRETED
 
 
 # ----------------------------------------------------------------------------------------------------------------

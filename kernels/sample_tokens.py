@@ -15,7 +15,7 @@ is a pure function of those three integers (a 32-bit integer hash), never the st
 Only [rows] tokens and log-probabilities leave the logits' device. Padded vocabulary columns (``vocab_size`` below the
 shard's width) are never sampled. Temperatures must be positive (T → 0 tends to the argmax).
 
-Dispatch as in :mod:`masked_mean_pool`: Triton on CUDA or under ``TRITON_INTERPRET=1``, otherwise the torch reference
+Dispatch (``_triton.use_triton``, shared by the ops): Triton on CUDA or under ``TRITON_INTERPRET=1``, otherwise the torch reference
 with its element-wise part compiled into one pass.
 """
 import torch
@@ -23,7 +23,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from .masked_mean_pool import use_triton
+from ._triton import use_triton
 
 _MASK32 = 0xFFFFFFFF
 # Gumbel noise from 23 random bits: u = (k + 0.5) / 2^23 is exact in float32 and lies in [2^-24, 1 - 2^-24], so

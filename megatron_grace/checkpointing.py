@@ -26,7 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .models.config import ModelArchitecture
-from . import faults
+from . import fault_injection
 from .utils import sha256_file, unwrap
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -147,7 +147,7 @@ def _write_checkpoint(save_dir: Path, iteration: int, final_dir: Path, tmp_dir: 
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=OPTIMIZER_SHARDING)
     dist_checkpointing.save(sharded, str(tmp_dir))
-    faults.save_point(iteration)
+    fault_injection.save_point(iteration)
     _barrier()
     if _rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "architecture": arch.to_dict(),

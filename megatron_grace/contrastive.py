@@ -136,7 +136,7 @@ def contrastive_backward(model, batch: SequenceBatch, rows: ContrastiveRows, *, 
     gradient buffers hold ∂(mean loss)/∂θ, reduced over data-parallel ranks, ready for the optimizer step. Returns
     the surrogate's per-micro-batch outputs (last stage) and the loss metrics of :func:`loss_and_embedding_grads`
     (empty off the last stage). ``phase(name)``: a context that times the phases forward, loss and update
-    (:class:`~megatron_grace.reliability.StepPhases` bound to the step)."""
+    (:class:`~megatron_grace.guards.StepPhases` bound to the step)."""
     phase = phase or (lambda name: contextlib.nullcontext())
     with phase("forward"):
         embeddings = one_pass_forward(model, batch, micro_batch_size, dropout_seed=dropout_seed).embeddings

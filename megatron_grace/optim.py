@@ -8,9 +8,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from . import faults
+from . import fault_injection
 from .config import OptimConfig
-from .reliability import NonFiniteGuard
+from .guards import NonFiniteGuard
 
 
 def _fix_torch_adamw_checkpoint_loading() -> None:
@@ -158,7 +158,7 @@ class GuardedOptimizer:
     def finish_update(self, step: int, outputs: list[dict]) -> tuple[bool, float]:
         """After the forward/backward schedule whose per-micro-batch metrics are ``outputs``: the optimizer step,
         unless something is non-finite. Returns (applied, grad norm; NaN when skipped)."""
-        faults.nonfinite("grad", step, next(self.model.parameters()).main_grad)
+        fault_injection.nonfinite("grad", step, next(self.model.parameters()).main_grad)
         if not (self.nonfinite.check(step, "loss", [v for out in outputs for v in out.values()])
                 and self.nonfinite.check_gradients(step, self.model)):
             return False, float("nan")

@@ -31,7 +31,7 @@ from .models.convert import export_to_hf
 from .models.hf_io import eos_token_ids, load_hf_weights
 from .optim import GuardedOptimizer, wrap_for_training
 from .platform import ParallelLayout, initialize_distributed
-from .reliability import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
+from .guards import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
                           checkpoint_size_estimate)
 from .rollout import RolloutEngine, RolloutRequest
 

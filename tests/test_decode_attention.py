@@ -20,7 +20,7 @@ import torch
 
 from megatron_grace.kernels.decode_attention import (BLOCK_N, decode_attention, decode_attention_reference,
                                                      decode_attention_torch, decode_attention_triton)
-from megatron_grace.kernels.masked_mean_pool import use_triton
+from megatron_grace.kernels._triton import use_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"

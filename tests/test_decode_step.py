@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from megatron_grace.kernels.decode_attention import decode_attention_triton
-from megatron_grace.kernels.masked_mean_pool import use_triton
+from megatron_grace.kernels._triton import use_triton
 from megatron_grace.kernels.sample_tokens import sample_tokens_reference
 from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config

@@ -28,7 +28,7 @@ import pytest
 
 from megatron_grace.utils import free_port
 from megatron_grace.checkpointing import CheckpointError, iteration_dir, resolve_checkpoint
-from megatron_grace.reliability import NonFiniteError, NonFiniteGuard, SaveLocationError, check_save_location
+from megatron_grace.guards import NonFiniteError, NonFiniteGuard, SaveLocationError, check_save_location
 from megatron_grace.testing import LAYOUT_DEPENDENT_METRICS, run_torchrun, save_tiny_hf_model, stable_metrics
 
 WORKER = Path(__file__).parent / "distributed" / "fault_worker.py"

@@ -32,7 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     steps = [step["step"] for step in summary["steps"]]
     assert steps[:3] == ["kernel_decode_attention", "bench_decode_attention", "rollout_512"]
     for name in ("bench_decode_attention", "rollout_512", "rollout_grace_eos", "rollout_2048", "tiny_training",
-                 "paper_step", "update_mfu", "bench_pooling", "bench_reward"):
+                 "paper_step", "update_mfu", "bench_masked_mean_pool", "bench_grace_rewards"):
         assert (tmp_path / f"{name}.json").is_file(), name
     assert {f"kernel_{op}" for op in ("decode_attention", "sample_tokens", "masked_mean_pool", "grace_rewards")} \
         <= set(steps)
@@ -56,7 +56,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert 0 <= paper["padding_share_trimmed"] <= paper["padding_share_padded"]
     breakdown = summary["update_mfu"]["breakdown"]
     assert summary["update_mfu"]["tokens_per_s"] > 0 and breakdown["forward_s"] > 0 and breakdown["optimizer_s"] > 0
-    assert {"bench_pooling", "bench_reward"} <= set(summary)
+    assert {"bench_masked_mean_pool", "bench_grace_rewards"} <= set(summary)
 
 
 def test_a_step_the_budget_cannot_hold_is_skipped_and_recorded(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from megatron_grace.kernels import grace_rewards, grace_rewards_reference
 from megatron_grace.kernels.grace_rewards import REWARD_TERMS, grace_rewards_triton
-from megatron_grace.kernels.masked_mean_pool import use_triton
+from megatron_grace.kernels._triton import use_triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"

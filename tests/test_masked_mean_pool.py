@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from megatron_grace.kernels import (all_reduce_masked_mean, masked_mean_pool, masked_mean_pool_reference,
                                     masked_sum_pool_partial)
-from megatron_grace.kernels.masked_mean_pool import masked_mean_pool_triton, use_triton
+from megatron_grace.kernels._triton import use_triton
+from megatron_grace.kernels.masked_mean_pool import masked_mean_pool_triton
 from megatron_grace.utils import free_port
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

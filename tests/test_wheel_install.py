@@ -40,7 +40,10 @@ def test_wheel_trains_one_step_on_the_embedded_default_outside_the_checkout(tmp_
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    # A world of its own: a rendezvous left in this process's environment by an earlier in-process test would point
+    # the trainer at a port that process still holds.
+    inherited = {"PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+    env = {key: value for key, value in os.environ.items() if key not in inherited}
     env.update(OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
     located = run([str(python), "-c", "import megatron_grace, megatron_grace.kernels as k; "
                    "print(megatron_grace.__file__); print(k.__path__[0])"], cwd=elsewhere, env=env, timeout=120)

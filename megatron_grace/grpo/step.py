@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import faults
+from .. import fault_injection
 from ..config import ObjectiveConfig, RolloutConfig, TrainingConfig
 from .experience import SequenceBatch, one_pass_forward
 from .losses import group_advantages
@@ -85,7 +85,7 @@ class GrpoStep:
                 rewards = compute_rewards(embeddings[rows.main], embeddings[rows.query],
                                           rows.negatives_view(embeddings), truncated, n, self.objective,
                                           mode=self.train_mode)
-                faults.nonfinite("reward", step, rewards["total"])
+                fault_injection.nonfinite("reward", step, rewards["total"])
                 advantages = group_advantages(rewards["total"], n, norm_by_std=self.objective.norm_adv_by_std)
 
         # 5. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).

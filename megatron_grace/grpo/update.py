@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 
-from .. import faults
+from .. import fault_injection
 from ..config import ObjectiveConfig, TrainingConfig
 from .experience import Experience, SequenceBatch
 from .losses import low_var_kl, ppo_clipped_token_losses, vocab_parallel_entropy
@@ -72,7 +72,7 @@ def policy_loss(micro: dict, output: StageOutput, *, objective: ObjectiveConfig,
         log_probs, micro["old_log_probs"], advantages, clip_low=objective.clip_ratio_low,
         clip_high=objective.clip_ratio_high, dual_clip_c=objective.clip_ratio_c)
     policy_loss_sum = (losses * mask).sum()
-    faults.nonfinite("loss", step, policy_loss_sum)
+    fault_injection.nonfinite("loss", step, policy_loss_sum)
     loss = policy_loss_sum
     metrics = {"policy_loss_sum": policy_loss_sum.detach(), "clipped": (clipped.float() * mask).sum(),
                "dual_clipped": (dual_clipped.float() * mask).sum()}

@@ -24,7 +24,7 @@ from megatron_grace.config import parse_args
 from megatron_grace.checkpointing import CheckpointError, iteration_dir, read_latest_iteration, verify_manifest
 from megatron_grace.data.dataset import DataError
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
-from megatron_grace.reliability import NonFiniteError, SaveLocationError
+from megatron_grace.guards import NonFiniteError, SaveLocationError
 from megatron_grace.testing import stable_metrics
 from megatron_grace.train import GraceTrainer
 

@@ -1,6 +1,7 @@
 """Fault hooks for the fault-injection tests (tests/test_faults.py), kept in one module so that production code
-calls them one way: ``faults.point(stage, step)``, ``faults.save_point(step)``, ``faults.nonfinite(what, step,
-tensor)``. Each is inert unless its variable is set; ``step`` is the 1-based step being run or saved::
+calls them one way: ``fault_injection.point(stage, step)``, ``fault_injection.save_point(step)``,
+``fault_injection.nonfinite(what, step, tensor)``. Each is inert unless its variable is set; ``step`` is the 1-based
+step being run or saved::
 
         GRACE_FAULT_KILL=<stage>:<step>      the rank SIGKILLs itself on entering <stage> (save: after its shards are
                                              written, before the checkpoint is complete)

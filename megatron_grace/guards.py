@@ -7,7 +7,7 @@
 * :class:`StallWatchdog`: a thread per rank that ends the job when one stage of a step (rollout, forward, reward,
   update, save) runs longer than ``--distributed-timeout-minutes``, naming the stage, instead of waiting forever.
 
-The fault-injection tests trip these guards through :mod:`megatron_grace.faults`.
+The fault-injection tests trip these guards through :mod:`megatron_grace.fault_injection`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import faults
+from . import fault_injection
 from .utils import global_rank
 
 STAGES = ("rollout", "forward", "reward", "update", "save")
@@ -159,7 +159,7 @@ class StallWatchdog:
         (see :func:`save_fault_point`), so that a kill there leaves a half-written checkpoint."""
         self._current = (stage, step, time.monotonic())
         if stage != "save":
-            faults.point(stage, step)
+            fault_injection.point(stage, step)
 
     def idle(self) -> None:
         self._current = None

@@ -10,15 +10,15 @@ CPU: our torch path for pool + reward against a straightforward host implementat
 code variant, at the paper's 64 groups x 8 rollouts (shorter sequences and SmolLM2's H = 576 so that it runs in
 seconds), as a ratio measured in one run.
 
-    python benchmarks/bench_reward.py [--device cpu|cuda] [--output results.json]
+    python benchmarks/bench_grace_rewards.py [--device cpu|cuda] [--output results.json]
 """
 import functools
 
 import numpy as np
 import torch
 
-from bench_pooling import (best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, numpy_loop_pool,
-                           pooling_mask, print_table, run_cli, torch_path_pool)
+from _measure import best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, print_table, run_cli
+from bench_masked_mean_pool import numpy_loop_pool, pooling_mask, torch_path_pool
 from megatron_grace.kernels import grace_rewards_reference
 from megatron_grace.kernels.grace_rewards import grace_rewards_triton
 

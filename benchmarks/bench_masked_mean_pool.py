@@ -9,14 +9,12 @@ Target: >= 85 % of copy bandwidth.
 CPU: the interpreter is not a speed measure, so this compares our torch path against a per-row numpy loop of the
 kind the reference code runs (hidden states moved to host, one masked mean per row), as a ratio from one run.
 
-    python benchmarks/bench_pooling.py [--device cpu|cuda] [--output results.json]
+    python benchmarks/bench_masked_mean_pool.py [--device cpu|cuda] [--output results.json]
 """
-import argparse
-import json
-import time
-
 import numpy as np
 import torch
+
+from _measure import best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, print_table, run_cli
 
 from megatron_grace.kernels import masked_mean_pool_reference
 from megatron_grace.kernels.masked_mean_pool import masked_mean_pool_triton
@@ -34,50 +32,6 @@ def pooling_mask(batch, seq_len, device, generator):
     return ((positions >= SYSTEM_PROMPT_TOKENS) & (positions < lengths[:, None])).to(device)
 
 
-def best_seconds(functions, repeats):
-    """Best wall time of each function on the host (CPU mode). The functions take turns, and the minimum is kept,
-    because these 2 cores are shared with other work and contention only ever adds time."""
-    for fn in functions.values():
-        fn()  # warm-up
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(samples) for name, samples in times.items()}
-
-
-def gpu_seconds_and_peak_bytes(fn):
-    """(median seconds by triton's do_bench, peak memory allocated beyond what was live before the call)."""
-    import triton.testing
-
-    fn()  # compile / autotune outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    baseline = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - baseline
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3, peak
-
-
-def device_copy_bandwidth(num_bytes=2 << 30):
-    """Bytes per second of a device-to-device copy (read + write) of a 2 GiB buffer."""
-    source = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    seconds, _ = gpu_seconds_and_peak_bytes(lambda: target.copy_(source))
-    return 2 * num_bytes / seconds
-
-
-def matmul_tflops(dtype=torch.bfloat16, size=8192):
-    """Dense matmul rate of this GPU in TFLOP/s (random [size, size] operands), the ceiling MFU is measured against."""
-    a = torch.randn(size, size, dtype=dtype, device="cuda")
-    b = torch.randn(size, size, dtype=dtype, device="cuda")
-    seconds, _ = gpu_seconds_and_peak_bytes(lambda: a @ b)
-    return 2 * size ** 3 / seconds / 1e12
-
-
 def numpy_loop_pool(hidden, mask):
     """Per-row masked mean + L2 normalisation on the host, the way the reference code pools."""
     hidden = hidden.float().cpu().numpy()
@@ -91,13 +45,6 @@ def numpy_loop_pool(hidden, mask):
 
 def torch_path_pool(hidden, mask):
     return masked_mean_pool_reference(hidden.float(), mask, True)
-
-
-def print_table(rows, columns):
-    widths = [max(len(column), *(len(f"{row[column]}") for row in rows)) for column in columns]
-    print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(f"{row[column]}".rjust(width) for column, width in zip(columns, widths)))
 
 
 def bench_gpu_shape(implementations, seq_len, hidden_size, copy_bandwidth, generator):
@@ -155,18 +102,6 @@ def run_cpu(batch=160, seq_len=256, hidden_size=576, repeats=10):
           f"(max |diff| {max_diff:.1e})")
     return dict(device="cpu", shape=[batch, seq_len, hidden_size], rows=rows,
                 speedup_vs_numpy_loop=round(loop_seconds / torch_seconds, 2), max_diff=max_diff)
-
-
-def run_cli(benchmark, description, run_cpu, run_gpu):
-    """The command line shared by the kernel benchmarks: --device (default: CUDA if present) and --output JSON."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="write the results as JSON to this path")
-    args = parser.parse_args()
-    results = run_gpu() if args.device == "cuda" else run_cpu()
-    if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(dict(benchmark=benchmark, **results), handle, indent=2)
 
 
 if __name__ == "__main__":
