@@ -19,6 +19,7 @@ import torch
 
 from _measure import best_seconds, device_copy_bandwidth, gpu_seconds_and_peak_bytes, print_table, run_cli
 from bench_masked_mean_pool import numpy_loop_pool, pooling_mask, torch_path_pool
+from megatron_grace.config import ObjectiveConfig
 from megatron_grace.kernels import grace_rewards_reference
 from megatron_grace.kernels.grace_rewards import grace_rewards_triton
 
@@ -29,7 +30,10 @@ GPU_HIDDEN_SIZES = (1536, 2048, 2560, 3072)
 GPU_CASES = (("supervised", "code", 1), ("supervised", "paper", 4), ("unsupervised", "code", 0),
              ("unsupervised", "paper", 0))
 TARGET_MICROSECONDS = 50
-TEMPERATURE, CLUSTERING_WEIGHT, CROSS_GROUP_WEIGHT = 0.1, 0.2, 0.2
+# The reward's settings: the trainer's defaults (the paper's).
+TEMPERATURE, CLUSTERING_WEIGHT, CROSS_GROUP_WEIGHT = (ObjectiveConfig.reward_temperature,
+                                                      ObjectiveConfig.clustering_weight,
+                                                      ObjectiveConfig.cross_group_weight)
 
 
 def numpy_loop_rewards(main, query, negative, group_size):
@@ -65,8 +69,8 @@ def run_cpu(num_groups=NUM_GROUPS, group_size=GROUP_SIZE, seq_len=128, hidden_si
     batch = num_groups * group_size + 2 * num_groups
     hidden = torch.randn(batch, seq_len, hidden_size, generator=generator)
     mask = pooling_mask(batch, seq_len, "cpu", generator)
-    reward_options = dict(group_size=group_size, temperature=TEMPERATURE, clustering_weight=CLUSTERING_WEIGHT,
-                          cross_group_weight=CROSS_GROUP_WEIGHT)
+    reward_options = dict(group_size=group_size, mode="supervised", variant="code", temperature=TEMPERATURE,
+                          clustering_weight=CLUSTERING_WEIGHT, cross_group_weight=CROSS_GROUP_WEIGHT)
     torch_pooled = split_streams(torch_path_pool(hidden, mask), num_groups, group_size)
     numpy_pooled = split_streams(numpy_loop_pool(hidden, mask), num_groups, group_size)
     max_diff = float(np.abs(grace_rewards_reference(*torch_pooled, **reward_options)["total"].numpy()

@@ -31,6 +31,7 @@ EOS). ``ratio_vs_hf_generate`` of the CPU demo batch is printed last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -89,8 +90,8 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
     requests = [RolloutRequest(prompt, temperature, row_seed(0, 0, i, 0)) for i, (prompt, temperature)
                 in enumerate(rows)]
     # Our engine with our decode step (the default) and with Megatron-Core's, so the two decoders compare in one run.
-    engines = {name: RolloutEngine(trainer.model, eos_token_ids=eos_token_ids, pad_token_id=trainer.pad_token_id,
-                                   sync_interval=trainer.config.rollout.rollout_sync_interval, decode_step=decode)
+    engines = {name: RolloutEngine(trainer.model, dataclasses.replace(trainer.config.rollout, rollout_decode_step=decode),
+                                   eos_token_ids=eos_token_ids, pad_token_id=trainer.pad_token_id)
                for name, decode in (("megatron_grace", "ours"), ("megatron_grace_megatron_decode", "megatron"))}
     generated: dict[str, int] = {}
 
@@ -158,6 +159,7 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
     from _measure import device_copy_bandwidth, matmul_tflops
     from bench_update import architecture
 
+    from megatron_grace.config import RolloutConfig
     from megatron_grace.models.builder import build_gpt_model, make_transformer_config
     from megatron_grace.platform import ParallelLayout, initialize_distributed
     from megatron_grace.rollout import RolloutEngine, RolloutRequest
@@ -174,7 +176,8 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
     requests = [RolloutRequest(prompts[row // rollouts], 1.0, row_seed(0, 0, row, 0)) for row in range(rows)]
     engines, lengths = {}, {}
     for name, new_tokens in max_new_tokens.items():
-        engines[name] = RolloutEngine(model, eos_token_ids=[2] if eos else [], pad_token_id=0, decode_step=name)
+        engines[name] = RolloutEngine(model, RolloutConfig(rollout_decode_step=name), eos_token_ids=[2] if eos else [],
+                                      pad_token_id=0)
         if eos:
             lengths[name] = paper_lengths(rows, new_tokens, torch.Generator().manual_seed(1))
             engines[name].sampler = eos_at_lengths(engines[name].sampler, torch.tensor([r.seed for r in requests]),

@@ -85,8 +85,8 @@ def term_weights(mode, variant, temperature, clustering_weight, cross_group_weig
 # ----------------------------------------------------------------------------------------------------------------
 # Torch reference
 # ----------------------------------------------------------------------------------------------------------------
-def grace_rewards_reference(main, query, negative=None, *, group_size, mode="supervised", variant="code",
-                            temperature=0.1, clustering_weight=0.2, cross_group_weight=0.2):
+def grace_rewards_reference(main, query, negative=None, *, group_size, mode, variant, temperature, clustering_weight,
+                            cross_group_weight):
     """Plain torch GRACE rewards, computed in the inputs' dtype (float64 in the tests; the dispatcher upcasts to
     fp32). Arguments and result as :func:`grace_rewards`."""
     variant = effective_variant(mode, variant)
@@ -238,8 +238,8 @@ def _grace_rewards_kernel(main_ptr, query_ptr, negative_ptr,
     tl.store(cross_ptr + own_rows, cross, mask=k_valid)
 
 
-def grace_rewards_triton(main, query, negative=None, *, group_size, mode="supervised", variant="code",
-                         temperature=0.1, clustering_weight=0.2, cross_group_weight=0.2):
+def grace_rewards_triton(main, query, negative=None, *, group_size, mode, variant, temperature, clustering_weight,
+                         cross_group_weight):
     """The Triton path of :func:`grace_rewards`, whatever the device (tests call it directly)."""
     variant = effective_variant(mode, variant)
     num_groups, group_size, negative = _check_inputs(main, query, negative, group_size, mode, variant)
@@ -268,8 +268,8 @@ def grace_rewards_triton(main, query, negative=None, *, group_size, mode="superv
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
-def grace_rewards(main, query, negative=None, *, group_size, mode="supervised", variant="code", temperature=0.1,
-                  clustering_weight=0.2, cross_group_weight=0.2):
+def grace_rewards(main, query, negative=None, *, group_size, mode, variant, temperature, clustering_weight,
+                  cross_group_weight):
     """GRACE rewards for G groups of K rollouts, all terms from one similarity pass, no host synchronisation.
 
     Args:

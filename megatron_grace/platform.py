@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .cpu_compat import apply_cpu_fallbacks
+from .config import ParallelConfig, TrainingConfig
 from .utils import free_port
 
 
@@ -45,7 +46,8 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
-def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_minutes: float = 10.0,
+def initialize_distributed(layout: ParallelLayout, *, seed: int = TrainingConfig.seed,
+                           timeout_minutes: float = ParallelConfig.distributed_timeout_minutes,
                            backend: str | None = None) -> None:
     """Start torch.distributed (:func:`process_group_backend` unless ``backend`` is given) and Megatron's parallel
     state, and seed all RNGs.

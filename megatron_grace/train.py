@@ -92,9 +92,9 @@ class GraceTrainer:
         if config.objective.algorithm != "grace":
             return ContrastiveStep(hidden_size=self.arch.hidden_size, **common)
         rollout = config.rollout
-        self.engine = RolloutEngine(self.model, eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
-                                    pad_token_id=self.pad_token_id, sync_interval=rollout.rollout_sync_interval,
-                                    decode_step=rollout.rollout_decode_step, cuda_graphs=rollout.rollout_cuda_graphs)
+        self.engine = RolloutEngine(self.model, rollout,
+                                    eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
+                                    pad_token_id=self.pad_token_id)
         return GrpoStep(reference=self.reference, engine=self.engine, nonfinite=self.nonfinite, rollout=rollout,
                         train_mode=config.data.train_mode, num_negatives=self.dataset.num_negatives,
                         log_samples=self.logger.samples if self.logger.is_logging_rank else None,

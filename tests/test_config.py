@@ -153,3 +153,64 @@ def test_the_checks_that_need_the_training_file():
     with pytest.raises(DataError, match="--algorithm infonce needs hard negatives"):
         parse_args(["--algorithm", "infonce"]).check_training_data(num_negatives=0)
     parse_args(["--algorithm", "simcse", "--train-mode", "unsupervised"]).check_training_data(num_negatives=0)
+
+
+# A library parameter or tool flag named after a config field (or one of these aliases) takes its default from the
+# config tree (``= RolloutConfig.max_response_length``) or has none; a literal there is the same default written twice.
+DEFAULT_ALIASES = {"sync_interval": "rollout_sync_interval", "timeout_minutes": "distributed_timeout_minutes",
+                   "max_new_tokens": "max_response_length", "max_prompt_tokens": "max_prompt_length",
+                   "variant": "reward_variant", "decode_step": "rollout_decode_step",
+                   "cuda_graphs": "rollout_cuda_graphs"}
+# Same name, another quantity (each says why): everywhere, or in one file.
+NOT_THE_FLAG = {
+    "seed": "evaluation, suite-building and test-model seeds are not the training run's --seed",
+    "hidden_dropout": "the builder's 0.0 is 'no dropout'; the flag's default None means 'per --algorithm'",
+}
+NOT_THE_FLAG_IN = {
+    ("megatron_grace/cli/explain.py", "max_new_tokens"): "grace-explain shows short rationales for a quick look",
+    ("megatron_grace/eval/encoder.py", "max_new_tokens"): "GraceEncoder.explain's quick look (encode uses the cap)",
+}
+
+
+def literal_defaults_of_config_names(path):
+    """(line, where, name) of every parameter (where: ``function.parameter``) or ``add_argument`` flag (``--dest``)
+    in ``path`` named after a config field or alias whose default is a literal."""
+    import ast
+
+    fields = set(GraceConfig().flat()) | set(DEFAULT_ALIASES)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = args.posonlyargs + args.args
+            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+            pairs += [(arg, default) for arg, default in zip(args.kwonlyargs, args.kw_defaults) if default is not None]
+            found += [(node.lineno, f"{node.name}.{arg.arg}", arg.arg) for arg, default in pairs
+                      if arg.arg in fields and isinstance(default, ast.Constant) and default.value is not None]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args
+              and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--")):
+            dest = str(node.args[0].value)[2:].replace("-", "_")
+            for keyword in node.keywords:
+                if (keyword.arg == "default" and dest in fields and isinstance(keyword.value, ast.Constant)
+                        and keyword.value.value is not None):
+                    found.append((node.lineno, f"--{dest}", dest))
+    return found
+
+
+def test_no_default_is_written_twice():
+    files = [*sorted((REPO / "megatron_grace").rglob("*.py")), *sorted((REPO / "kernels").glob("*.py")),
+             *sorted((REPO / "tools").glob("*.py"))]
+    written_twice = [f"{path.relative_to(REPO)}:{line} {where}" for path in files
+                     for line, where, name in literal_defaults_of_config_names(path)
+                     if name not in NOT_THE_FLAG and (str(path.relative_to(REPO)), name) not in NOT_THE_FLAG_IN]
+    assert not written_twice, "literal defaults of config fields (take them from megatron_grace/config.py): " \
+                              + ", ".join(written_twice)
+
+
+def test_the_default_check_finds_a_literal(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def run(*, sync_interval=32, seed=0):\n    pass\n\n"
+                      "def ok(*, sync_interval=RolloutConfig.rollout_sync_interval):\n    pass\n\n"
+                      "parser.add_argument('--max-response-length', type=int, default=2048)\n")
+    assert [where for _, where, _ in literal_defaults_of_config_names(sample)] == [
+        "run.sync_interval", "run.seed", "--max_response_length"]

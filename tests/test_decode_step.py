@@ -20,6 +20,7 @@ if not Path("/dev/nvidiactl").exists():
 import pytest
 import torch
 
+from megatron_grace.config import RolloutConfig
 from megatron_grace.kernels.decode_attention import decode_attention_triton
 from megatron_grace.kernels._triton import use_triton
 from megatron_grace.kernels.sample_tokens import sample_tokens_reference
@@ -106,8 +107,8 @@ def test_rollouts_equal_the_megatron_decoded_engine(family, compact):
     stage = stage_of(family, torch.float64, ending=True)
     rollouts = {}
     for decode in ("ours", "megatron"):
-        engine = RolloutEngine(stage, eos_token_ids=[EOS], pad_token_id=0, sync_interval=2,
-                               compact_finished_rows=compact, decode_step=decode)
+        engine = RolloutEngine(stage, RolloutConfig(rollout_sync_interval=2, rollout_decode_step=decode),
+                               eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=compact)
         rollouts[decode] = engine.generate(requests(), 12)
         assert engine.stats.decode_step == decode
     if family == "qwen3":  # the scaled EOS row ends some responses early: compaction has rows to drop
@@ -134,7 +135,8 @@ def test_row_buckets_with_padding_rows_give_the_eager_tokens(sync_interval):
     rows = requests(7)
     results = {}
     for graphed in (False, True):
-        engine = RolloutEngine(stage, eos_token_ids=[EOS], pad_token_id=0, sync_interval=sync_interval)
+        engine = RolloutEngine(stage, RolloutConfig(rollout_sync_interval=sync_interval), eos_token_ids=[EOS],
+                               pad_token_id=0)
         if graphed:
             engine.graph_capture = emulated_capture
         results[graphed] = (engine.generate(rows, 12), engine.stats)

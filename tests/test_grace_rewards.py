@@ -27,6 +27,9 @@ def torch_path(main, query, negative=None, **kwargs):
                                    **kwargs)
 
 
+# The spec's settings (docs/algorithm.md): supervised, code variant, tau 0.1, lambda1 = lambda2 = 0.2.
+PAPER_SETTINGS = dict(mode="supervised", variant="code", temperature=0.1, clustering_weight=0.2, cross_group_weight=0.2)
+
 IMPLEMENTATIONS = [pytest.param(grace_rewards_triton, id="triton", marks=needs_triton),
                    pytest.param(torch_path, id="torch")]
 
@@ -157,8 +160,8 @@ def test_dispatcher_picks_triton_under_interpreter_or_cuda_else_torch():
     main, query, negative = random_inputs(3, 4, 1, 21, torch.bfloat16)
     expected_path = grace_rewards_triton if use_triton(main) else torch_path
     assert use_triton(main) == (main.is_cuda or INTERPRETED)
-    result = grace_rewards(main, query, negative, group_size=4)
-    expected = expected_path(main, query, negative, group_size=4)
+    result = grace_rewards(main, query, negative, group_size=4, **PAPER_SETTINGS)
+    expected = expected_path(main, query, negative, group_size=4, **PAPER_SETTINGS)
     assert all(torch.equal(result[name], expected[name]) for name in REWARD_TERMS)
 
 
@@ -174,12 +177,13 @@ def test_invalid_arguments_raise(mode, variant, negative_shape, message):
     main, query = torch.randn(6, 8), torch.randn(2, 8)
     negative = None if negative_shape is None else torch.randn(negative_shape)
     with pytest.raises(ValueError, match=message):
-        grace_rewards(main, query, negative, group_size=3, mode=mode, variant=variant)
+        grace_rewards(main, query, negative, group_size=3, mode=mode, variant=variant, temperature=0.1,
+                      clustering_weight=0.2, cross_group_weight=0.2)
 
 
 def test_rows_must_be_groups_times_group_size():
     with pytest.raises(ValueError, match=r"expected G\*K = 2\*4"):
-        grace_rewards(torch.randn(6, 8), torch.randn(2, 8), torch.randn(2, 8), group_size=4)
+        grace_rewards(torch.randn(6, 8), torch.randn(2, 8), torch.randn(2, 8), group_size=4, **PAPER_SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ def test_advantage_shares_add_up_and_show_the_cancellation(variant):
     main, query, negative = random_inputs(num_groups, group_size, 3, 16, torch.float64)
     if variant == "code":
         negative = negative[:, 0]
-    terms = torch_path(main, query, negative, group_size=group_size, variant=variant)
+    terms = torch_path(main, query, negative, group_size=group_size, **{**PAPER_SETTINGS, "variant": variant})
     # On the terms' device: the check below mixes it with them (a CPU mask against CUDA terms failed on the GPU).
     truncated = torch.tensor([False, True, False, False, False, False, True, False, False, False, False, False],
                              device=DEVICE)

@@ -20,6 +20,7 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_grace.config import RolloutConfig
 from megatron_grace.data.prompts import Prompt
 from megatron_grace.grpo.experience import SequenceBatch, one_pass_forward
 from megatron_grace.models import architecture_from_hf_config
@@ -82,7 +83,7 @@ def spec(request, model):
 
 
 def test_rows_sample_the_same_alone_and_in_a_batch(model, spec):
-    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0)
+    engine = RolloutEngine(model, RolloutConfig(), eos_token_ids=[EOS], pad_token_id=0)
     batched = engine.generate(requests(), MAX_NEW_TOKENS)
     assert any(r.truncated for r in batched) and any(not r.truncated for r in batched)
     for request, together in zip(requests(), batched):
@@ -93,7 +94,7 @@ def test_rows_sample_the_same_alone_and_in_a_batch(model, spec):
 
 
 def test_sampling_log_probs_equal_the_one_pass_forward(model, spec):
-    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0)
+    engine = RolloutEngine(model, RolloutConfig(), eos_token_ids=[EOS], pad_token_id=0)
     rollouts = engine.generate(requests(), MAX_NEW_TOKENS)
     batch = SequenceBatch.build([Prompt(r.prompt, 0) for r in requests()], rollouts, pad_token_id=0)
     old_log_probs = one_pass_forward(model, batch, micro_batch_size=5).old_log_probs
@@ -124,7 +125,7 @@ def test_update_after_rollout_with_a_rope_that_saves_its_frequencies(model, monk
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb",
                         lambda t, freqs, **unused: _RotationSavingFrequencies.apply(t, freqs))
     rows = requests()
-    RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0).generate(rows, MAX_NEW_TOKENS)
+    RolloutEngine(model, RolloutConfig(), eos_token_ids=[EOS], pad_token_id=0).generate(rows, MAX_NEW_TOKENS)
     width = max(len(r.prompt) for r in rows) + MAX_NEW_TOKENS  # the rollout's sequence length
     tokens = torch.randint(3, 512, (2, width), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(width).expand(2, -1)
@@ -145,8 +146,8 @@ def test_decode_rotates_only_the_new_keys(model, monkeypatch):
         return real(t, freqs, **kwargs)
 
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", counting)
-    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=False,
-                           decode_step="megatron")  # our decode step rotates each new key itself (no Megatron RoPE)
+    engine = RolloutEngine(model, RolloutConfig(rollout_decode_step="megatron"), eos_token_ids=[EOS], pad_token_id=0,
+                           compact_finished_rows=False)  # our decode step rotates each new key itself (no Megatron RoPE)
     rows = requests()
     engine.generate(rows, MAX_NEW_TOKENS)
     layers, prompt_width = len(model.decoder.layers), max(len(r.prompt) for r in rows)
@@ -157,7 +158,8 @@ def test_decode_rotates_only_the_new_keys(model, monkeypatch):
 
 @pytest.mark.parametrize("sync_interval", [1, 4, 100])
 def test_host_reads_once_per_sync_interval(model, sync_interval):
-    engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, sync_interval=sync_interval)
+    engine = RolloutEngine(model, RolloutConfig(rollout_sync_interval=sync_interval), eos_token_ids=[EOS],
+                           pad_token_id=0)
     rows = requests()
     with HostReadCounter() as counter:
         rollouts = engine.generate(rows, MAX_NEW_TOKENS)
@@ -193,8 +195,8 @@ def test_finished_rows_leave_the_batch_without_changing_a_token(model, decode):
     max_new = 16
     results = {}
     for compact, interval in ((False, 1), (True, 1), (True, 2), (True, 5)):
-        engine = RolloutEngine(model, eos_token_ids=[EOS], pad_token_id=0, sync_interval=interval,
-                               compact_finished_rows=compact, decode_step=decode)
+        engine = RolloutEngine(model, RolloutConfig(rollout_sync_interval=interval, rollout_decode_step=decode),
+                               eos_token_ids=[EOS], pad_token_id=0, compact_finished_rows=compact)
         engine.sampler = forced
         results[compact, interval] = (engine.generate(rows, max_new), engine.stats)
     reference, reference_stats = results[False, 1]

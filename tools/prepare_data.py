@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_grace.config import DataConfig
 from megatron_grace.data import DataError, PromptBuilder, TextRow, build_examples, read_rows
 
 
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--tokenizer", "--hf-model", dest="tokenizer",
                         help="tokenizer or HF model folder for the length filter (the model you will train)")
-    parser.add_argument("--max-prompt-length", type=int, default=1024, help="templated tokens (default 1024)")
+    parser.add_argument("--max-prompt-length", type=int, default=DataConfig.max_prompt_length,
+                        help=f"templated tokens (default {DataConfig.max_prompt_length}, the trainer's)")
     parser.add_argument("--test-fraction", type=float, default=0.01, help="leading fraction kept as test (0.01)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

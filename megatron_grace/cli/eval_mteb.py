@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_grace.config import RolloutConfig
 from megatron_grace.console import configure_console
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="task names and/or presets paper-56, paper-16, local (default: local)")
     parser.add_argument("--rationale", action=argparse.BooleanOptionalAction, default=True,
                         help="generate a rationale before pooling (--no-rationale: the paper's Base)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, help="rationale length limit (paper: 2048)")
+    parser.add_argument("--max-new-tokens", type=int, default=RolloutConfig.max_response_length,
+                        help="rationale length limit (default: the trainer's --max-response-length, the paper's)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (each text's generator derives from it)")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from megatron_grace.config import DataConfig
 from megatron_grace.data.prompts import Prompt, PromptBuilder, PromptError
 
 MODES = ("supervised", "unsupervised")
@@ -261,7 +262,7 @@ def load_grace_dataset(
     tokenizer,
     *,
     mode: str = "supervised",
-    max_prompt_length: int = 1024,
+    max_prompt_length: int = DataConfig.max_prompt_length,
     strict: bool = False,
     verbose: bool = True,
 ) -> GraceDataset:

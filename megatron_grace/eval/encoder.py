@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from megatron_grace.config import DataConfig, RolloutConfig
 from megatron_grace.data.prompts import Prompt, PromptBuilder
 from megatron_grace.kernels import masked_mean_pool
 from megatron_grace.utils import hash_file_into
 
 POOLING_MODES = ("mean", "last", "eos")
-MAX_PROMPT_TOKENS = 1024  # docs/algorithm.md: prompts are cut to 1024 tokens at training and evaluation time
+# docs/algorithm.md: prompts are cut at the same length at training and evaluation time, rationales at the same cap.
+MAX_PROMPT_TOKENS = DataConfig.max_prompt_length
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -191,8 +193,8 @@ class GraceEncoder:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 16, rationale: bool = True,
-               max_new_tokens: int = 2048, temperature: float = 1.0, seed: int = 0, normalize: bool = True,
-               show_progress: bool = False) -> np.ndarray:
+               max_new_tokens: int = RolloutConfig.max_response_length, temperature: float = 1.0, seed: int = 0,
+               normalize: bool = True, show_progress: bool = False) -> np.ndarray:
         """Embed ``texts`` → float32 numpy [N, H]; cached per (model, text, settings), so repeats cost nothing."""
         if not rationale:  # generation settings cannot change a Base embedding: one cache entry for all of them
             max_new_tokens, temperature, seed = 0, 0.0, 0

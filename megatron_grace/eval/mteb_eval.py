@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from megatron_grace.config import RolloutConfig
 from megatron_grace.eval import local_suite
 from megatron_grace.eval.encoder import GraceEncoder
 
@@ -64,7 +65,7 @@ class GraceMtebModel:
     """
 
     def __init__(self, encoder: GraceEncoder, *, name: str, revision: str, rationale: bool = True,
-                 max_new_tokens: int = 2048, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 max_new_tokens: int = RolloutConfig.max_response_length, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
                  show_progress: bool = False):
         self.encoder = encoder
         self.name = name

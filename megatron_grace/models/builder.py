@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..config import ParallelConfig
 from ..platform import has_cuda
 from .config import ModelArchitecture
 from . import rope
@@ -34,7 +35,7 @@ def transformer_engine_available() -> bool:
 
 
 def make_transformer_config(arch: ModelArchitecture, *, params_dtype: torch.dtype = torch.float32,
-                            sequence_parallel: bool = False, recompute: bool = False,
+                            sequence_parallel: bool = ParallelConfig.sequence_parallel, recompute: bool = False,
                             hidden_dropout: float = 0.0) -> TransformerConfig:
     """``hidden_dropout`` (embedding output and after attention and MLP) is 0 for the GRPO policy, whose ratio
     needs the rollout's and the update's log-probs from the same function; SimCSE turns it on."""

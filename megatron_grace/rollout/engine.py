@@ -34,6 +34,7 @@ from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper 
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from ..config import RolloutConfig
 from ..kernels import sample_tokens
 from ..models import rope
 from ..models.builder import config_overrides
@@ -194,18 +195,21 @@ class RolloutEngine:
     positions of the live rows move to the front and decoding continues on fewer rows. Sampling noise is a function
     of the row's seed and response index only, so compaction and the interval never change a token.
 
-    ``decode_step="ours"`` (the default where it applies: one pipeline stage) decodes with
+    ``--rollout-decode-step ours`` (the default where it applies: one pipeline stage) decodes with
     :func:`~megatron_grace.rollout.decode_step.decode_step` on a static KV cache, in row buckets (powers of two), each
-    a CUDA graph on GPUs with ``cuda_graphs``; ``"megatron"`` (and any pipeline-parallel layout) decodes through
+    a CUDA graph on GPUs with ``--rollout-cuda-graphs``; ``megatron`` (and any pipeline-parallel layout) decodes through
     Megatron-Core's inference wrapper. The prefill runs on the Megatron forward either way.
     """
 
-    def __init__(self, model, *, eos_token_ids: list[int], pad_token_id: int, sync_interval: int = 32,
-                 compact_finished_rows: bool = True, decode_step: str = "ours", cuda_graphs: bool = True):
+    def __init__(self, model, rollout: RolloutConfig, *, eos_token_ids: list[int], pad_token_id: int,
+                 compact_finished_rows: bool = True):
+        """``rollout``: the flags' group (sync interval, decode step, CUDA graphs); ``compact_finished_rows`` off
+        only in tests that compare against a loop that keeps every row."""
+        sync_interval, decode_step = rollout.rollout_sync_interval, rollout.rollout_decode_step
         if sync_interval < 1:
-            raise ValueError(f"sync_interval must be >= 1, got {sync_interval}")
+            raise ValueError(f"--rollout-sync-interval must be >= 1, got {sync_interval}")
         if decode_step not in ("ours", "megatron"):
-            raise ValueError(f"decode_step must be 'ours' or 'megatron', got {decode_step!r}")
+            raise ValueError(f"--rollout-decode-step must be 'ours' or 'megatron', got {decode_step!r}")
         self.model = model
         self.stage = unwrap(model)
         self.arch = self.stage.arch
@@ -214,7 +218,7 @@ class RolloutEngine:
         self.sync_interval = sync_interval
         self.compact_finished_rows = compact_finished_rows
         self.decode_step = decode_step
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = rollout.rollout_cuda_graphs
         self.sampler = sample_tokens
         # CUDA graphs where the policy is on a GPU; tests put an emulation here to run the bucket logic on CPU.
         self.graph_capture = capture_cuda_graph if has_cuda() else None

@@ -6,6 +6,7 @@ one process (best of N; every variant must draw the same tokens):
 Variants: ``old`` (eager sampling, Megatron-Core's SelfAttention), ``sample`` (sampling's element-wise part compiled),
 ``sample+rope`` (and keys rotated once on their way into the KV cache). Results: docs/measurements.md.
 """
+import dataclasses
 import importlib
 import sys
 import time
@@ -38,7 +39,9 @@ def main() -> None:
     prompts, rollouts, with_query_rows, max_new_tokens = CASES[case]
     rows = case_rows(trainer.dataset, prompts, rollouts, with_query_rows, trainer.config)
     requests = [RolloutRequest(p, t, row_seed(0, 0, i, 0)) for i, (p, t) in enumerate(rows)]
-    engine = RolloutEngine(trainer.model, eos_token_ids=eos_token_ids(trainer.hf_dir, trainer.tokenizer, trainer.arch),
+    # The A/B measured the Megatron-decoded loop (the decode step of its time).
+    engine = RolloutEngine(trainer.model, dataclasses.replace(trainer.config.rollout, rollout_decode_step="megatron"),
+                           eos_token_ids=eos_token_ids(trainer.hf_dir, trainer.tokenizer, trainer.arch),
                            pad_token_id=trainer.pad_token_id)
     sampling = importlib.import_module("megatron_grace.kernels.sample_tokens")  # the module, not the function
     compiled, eager = sampling._local_sample_compiled, sampling._local_sample_reference

@@ -36,7 +36,7 @@ from megatron_grace.models import architecture_from_hf_config
 from megatron_grace.models.builder import build_gpt_model, make_transformer_config
 from megatron_grace.models.hf_io import load_hf_weights, save_hf_model
 from megatron_grace.models.state_dict import mcore_to_hf
-from megatron_grace.config import OptimConfig
+from megatron_grace.config import OptimConfig, RolloutConfig
 from megatron_grace.optim import optimizer_step, wrap_for_training, zero_grads
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.schedule import run_microbatches
@@ -231,7 +231,8 @@ def decode_step_layouts(results: dict) -> None:
                 ours = gather_from_tensor_model_parallel_region(decode_logits_column_by_column(model, tokens, starts))
             real = torch.arange(tokens.shape[1]).unsqueeze(0) >= starts.unsqueeze(1)
             diff = (ours[real][:, : arch.vocab_size] - expected[real][:, : arch.vocab_size]).abs().max()
-            rollouts = RolloutEngine(model, eos_token_ids=[2], pad_token_id=0, sync_interval=3).generate(requests, 8)
+            rollouts = RolloutEngine(model, RolloutConfig(rollout_sync_interval=3), eos_token_ids=[2],
+                                     pad_token_id=0).generate(requests, 8)
             reference_rollouts = reference_rollouts or rollouts
             log_prob_diff = max(abs(a - b) for ours_row, ref_row in zip(rollouts, reference_rollouts)
                                 for a, b in zip(ours_row.log_probs, ref_row.log_probs))
