@@ -129,17 +129,6 @@ def measure_case(trainer, hf_model, rows, max_new_tokens: int, repeats: int, eos
     }
 
 
-def eos_at_lengths(sampler, row_seeds: torch.Tensor, lengths: torch.Tensor, eos_id: int):
-    """A sampler that ends the row of seed ``row_seeds[i]`` with EOS at response index ``lengths[i] - 1`` (device
-    ops of static shape, so it runs inside the graphed step): a real length spread on random weights."""
-    def sample(logits, temperatures, seeds, positions, **kwargs):
-        tokens, log_probs = sampler(logits, temperatures, seeds, positions, **kwargs)
-        match = seeds.unsqueeze(1) == row_seeds.to(seeds.device).unsqueeze(0)
-        ends = (match & (positions.unsqueeze(1) == lengths.to(seeds.device).unsqueeze(0) - 1)).any(dim=1)
-        return torch.where(ends, eos_id, tokens), log_probs
-    return sample
-
-
 def paper_lengths(rows: int, max_new_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """Response lengths like the paper's rationales: log-normal around a quarter of the cap (a few hundred tokens at
     2,048), a few percent cut at the cap; at least one row runs to the cap, as some row always does in a real step."""
@@ -164,6 +153,7 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
     from megatron_grace.platform import ParallelLayout, initialize_distributed
     from megatron_grace.rollout import RolloutEngine, RolloutRequest
     from megatron_grace.kernels.sample_tokens import row_seed
+    from megatron_grace.testing import sampler_ending_rows
 
     initialize_distributed(ParallelLayout())
     cuda = torch.cuda.is_available()
@@ -180,8 +170,9 @@ def decode_at_shape(shape: str, rows: int, rollouts: int, prompt_length: int, ma
                                       pad_token_id=0)
         if eos:
             lengths[name] = paper_lengths(rows, new_tokens, torch.Generator().manual_seed(1))
-            engines[name].sampler = eos_at_lengths(engines[name].sampler, torch.tensor([r.seed for r in requests]),
-                                                   lengths[name], eos_id=2)
+            # A real length spread on random weights: row i ends with EOS at response index lengths[i] - 1.
+            engines[name].sampler = sampler_ending_rows(engines[name].sampler, torch.tensor([r.seed for r in requests]),
+                                                        lengths[name] - 1, eos_token_id=2)
         engines[name].generate(requests, 8)  # warm-up: kernels compile, our step's graphs for the batch bucket
     element = torch.finfo(dtype).bits // 8
     weight_bytes = sum(p.numel() for p in model.parameters()) * element

@@ -171,3 +171,15 @@ def decode_logits_column_by_column(stage, tokens: torch.Tensor, starts: torch.Te
         columns.append(decode_step(weights, cache, tokens[:, column], positions, torch.minimum(starts, positions),
                                    key_length=column + 1, **options))
     return torch.stack(columns, dim=1)
+
+
+def sampler_ending_rows(sampler, row_seeds: torch.Tensor, steps: torch.Tensor, eos_token_id: int):
+    """``sampler`` (a :func:`~megatron_grace.kernels.sample_tokens`) that returns EOS for the row of seed
+    ``row_seeds[i]`` at response index ``steps[i]``: chosen rollout lengths on any model. Device ops of static shape,
+    so it also runs inside a graphed decode step."""
+    def sample(logits, temperatures, seeds, positions, **kwargs):
+        tokens, log_probs = sampler(logits, temperatures, seeds, positions, **kwargs)
+        match = seeds.unsqueeze(1) == row_seeds.to(seeds.device).unsqueeze(0)
+        ends = (match & (positions.unsqueeze(1) == steps.to(seeds.device).unsqueeze(0))).any(dim=1)
+        return torch.where(ends, eos_token_id, tokens), log_probs
+    return sample

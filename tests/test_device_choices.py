@@ -43,7 +43,7 @@ def test_dynamo_recompile_limit_is_raised_only_without_cuda(monkeypatch):
 def test_rope_rotation_is_compiled_only_on_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(rope, "_rotate_compiled",
-                        lambda t, cos, sin: calls.append("compiled") or rope._rotate(t, cos, sin))
+                        lambda t, cos, sin: calls.append("compiled") or rope.rotate(t, cos, sin))
     t = torch.randn(4, 1, 2, 8)
     freqs = torch.randn(4, 1, 1, 8)
     rope.apply_rotary_cached(t, freqs)

@@ -31,7 +31,7 @@ from megatron_grace.platform import ParallelLayout, destroy_distributed, initial
 from megatron_grace.rollout import RolloutEngine, RolloutRequest
 from megatron_grace.kernels.sample_tokens import row_seed
 from megatron_grace.kernels import sample_tokens
-from megatron_grace.testing import HostReadCounter, tiny_hf_model
+from megatron_grace.testing import HostReadCounter, sampler_ending_rows, tiny_hf_model
 
 EOS = 2
 MAX_NEW_TOKENS = 12
@@ -173,16 +173,8 @@ def test_host_reads_once_per_sync_interval(model, sync_interval):
 
 def forcing_eos_at(steps_by_seed: dict[int, int]):
     """A sample_tokens that returns EOS for the row of seed s at response index steps_by_seed[s]."""
-    real = sample_tokens
-    seeds = torch.tensor(list(steps_by_seed), dtype=torch.int64)
-    steps = torch.tensor(list(steps_by_seed.values()), dtype=torch.int64)
-
-    def sample(logits, temperatures, row_seeds, positions, **kwargs):
-        tokens, log_probs = real(logits, temperatures, row_seeds, positions, **kwargs)
-        match = row_seeds.unsqueeze(1) == seeds.unsqueeze(0)
-        forced = (match & (positions.unsqueeze(1) == steps.unsqueeze(0))).any(dim=1)
-        return torch.where(forced, torch.full_like(tokens, EOS), tokens), log_probs
-    return sample
+    return sampler_ending_rows(sample_tokens, torch.tensor(list(steps_by_seed), dtype=torch.int64),
+                               torch.tensor(list(steps_by_seed.values()), dtype=torch.int64), EOS)
 
 
 @pytest.mark.parametrize("decode", ["ours", "megatron"])

@@ -46,10 +46,12 @@ def apply_rotary_cached(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool 
     # The compiled rotation is a CPU choice (measured there, docs/performance.md): on CUDA the element-wise ops are
     # cheap kernels. One position (the query while decoding) is a handful of tiny ops, cheaper eager than through the
     # compiled graph's guards.
-    return _rotate(t, cos, sin) if t.is_cuda or t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
+    return rotate(t, cos, sin) if t.is_cuda or t.shape[0] == 1 else _rotate_compiled(t, cos, sin)
 
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved RoPE, t·cos + rotate_half(t)·sin, with cos/sin of one half (dims past 2·half pass
+    through); also our decode step's rotation of the new token."""
     half = cos.shape[-1]
     first, second = t[..., :half], t[..., half: 2 * half]
     parts = [first * cos - second * sin, second * cos + first * sin]
@@ -60,7 +62,7 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 # Compiled into one pass over t (equal results to the eager ops). Dynamic shapes from the start: sequence length, batch
 # and heads per TP rank vary between prefill, training and layouts.
-_rotate_compiled = torch.compile(_rotate, dynamic=True)
+_rotate_compiled = torch.compile(rotate, dynamic=True)
 
 
 def install() -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from ..kernels.decode_attention import decode_attention
+from ..models.rope import rotate
 from ..utils import unwrap
 
 
@@ -157,13 +158,6 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
 
 
-def _rotate(tensor: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Megatron's non-interleaved RoPE, t·cos + rotate_half(t)·sin, with cos/sin of one half [rows, 1, d/2]."""
-    half = cos.shape[-1]
-    first, second = tensor[..., :half], tensor[..., half:]
-    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-
-
 def embed(weights: StageWeights, tokens: torch.Tensor) -> torch.Tensor:
     """Vocabulary-parallel embedding lookup: rows outside this rank's shard read 0, then one all-reduce."""
     if weights.tp_group is None:
@@ -196,7 +190,7 @@ def decode_step(weights: StageWeights, cache: KVCache, tokens: torch.Tensor, pos
         if layer.query_norm is not None:
             query = _rms_norm(query, layer.query_norm, weights.eps)
             key = _rms_norm(key, layer.key_norm, weights.eps)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         # This step's rows are the cache's first rows (compaction moves live rows to the front).
         keys, values = cache.keys[index, :rows], cache.values[index, :rows]
         keys.index_put_((row_index, positions), key)

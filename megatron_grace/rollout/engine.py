@@ -155,17 +155,24 @@ class SamplingSetup:
     max_new_tokens: int
 
 
+def draw(live: dict, logits: torch.Tensor, column: torch.Tensor, setup: SamplingSetup, sampler=sample_tokens):
+    """Each live row's sampled token for ``column`` and its log-probability (rows still in their prompt draw at
+    response index 0; :func:`sample_and_record` keeps their prompt token)."""
+    step = (column - live["response_starts"]).clamp(min=0)
+    return sampler(logits, live["temperatures"], live["row_seeds"], step, vocab_size=setup.vocab_size,
+                   vocab_start=setup.vocab_start, group=setup.tp_group)
+
+
 def sample_and_record(live: dict, logits: torch.Tensor | None, column: torch.Tensor, results: RolloutResults,
                       setup: SamplingSetup, *, sampler=sample_tokens, sampled: torch.Tensor | None = None):
-    """The sampler inside the step, with device ops of static shapes only: sample each live row's token for
-    ``column`` (or take ``sampled`` [rows, 2], tokens and log-probs another pipeline stage sampled), keep prompt
+    """The sampler inside the step, with device ops of static shapes only: :func:`draw` each live row's token for
+    ``column`` (or take ``sampled`` [rows, 2], tokens and log-probs another pipeline stage drew), keep prompt
     tokens for rows still inside their prompt, emit padding for done rows, record tokens, log-probs and lengths of
     the sampling rows, and mark rows done at EOS or at the length cap. Returns the column's tokens [rows]."""
     step = column - live["response_starts"]  # index of this column's token in each row's response
     sampling = (step >= 0) & ~live["done"]
     if sampled is None:
-        token, log_prob = sampler(logits, live["temperatures"], live["row_seeds"], step.clamp(min=0),
-                                  vocab_size=setup.vocab_size, vocab_start=setup.vocab_start, group=setup.tp_group)
+        token, log_prob = draw(live, logits, column, setup, sampler)
     else:
         token, log_prob = sampled[:, 0].long(), sampled[:, 1]
     prompt_token = live["tokens"].gather(1, column.clamp(max=live["tokens"].shape[1] - 1).unsqueeze(1)).squeeze(1)
@@ -341,23 +348,17 @@ class RolloutEngine:
             sampled = None
             if pipeline_parallel:  # the last stage samples; ids below 2^24 are exact in float32
                 if parallel_state.is_pipeline_last_stage():
-                    step = (column - live["response_starts"]).clamp(min=0)
-                    token, log_prob = self.sampler(logits, live["temperatures"], live["row_seeds"], step,
-                                                   vocab_size=setup.vocab_size, vocab_start=setup.vocab_start,
-                                                   group=setup.tp_group)
+                    token, log_prob = draw(live, logits, column, setup, self.sampler)
                     sampled = torch.stack([token.to(torch.float32), log_prob], dim=1)
                 sampled = broadcast_from_last_pipeline_stage([rows, 2], torch.float32, sampled)
             token = sample_and_record(live, logits, column, results, setup, sampler=self.sampler, sampled=sampled)
             live["tokens"][:, position] = token
-            decoded = position - prefill_end + 1
-            if decoded % self.sync_interval == 0 or position == total - 1:
-                done = live["done"].tolist()  # the one host read, every sync_interval tokens
-                self.stats.host_reads += 1
-                if all(done):
+            live_rows = self._live_rows_at_check(live["done"], position, prefill_end, total)
+            if live_rows is not None:
+                if not live_rows:
                     break
-                if self.compact_finished_rows and any(done):
-                    keep = torch.tensor([row for row, row_done in enumerate(done) if not row_done],
-                                        device=live["rows"].device)
+                if self.compact_finished_rows and len(live_rows) < rows:
+                    keep = torch.tensor(live_rows, device=live["rows"].device)
                     with torch.inference_mode():
                         for key_memory, value_memory in kv_cache.values():
                             key_memory[:, : keep.numel()] = key_memory[:, keep]
@@ -402,20 +403,26 @@ class RolloutEngine:
                 graphs.run(state, key_length=position)
                 self.stats.positions += 1
                 self.stats.forward_rows.append(state["rows"].shape[0])
-            decoded = position - prefill_end + 1
-            if decoded % self.sync_interval == 0 or position == total - 1:
-                done = state["done"].tolist()  # the one host read, every sync_interval tokens
-                self.stats.host_reads += 1
-                live_rows = [row for row, row_done in enumerate(done) if not row_done]
+            live_rows = self._live_rows_at_check(state["done"], position, prefill_end, total)
+            if live_rows is not None:
                 if not live_rows:
                     break
-                if self.compact_finished_rows and len(live_rows) < len(done):
+                if self.compact_finished_rows and len(live_rows) < state["done"].shape[0]:
                     bucket = next(size for size in buckets if size >= len(live_rows))
                     keep = torch.tensor(live_rows, device=device)
                     cache.move_rows(keep, position + 1)
                     state = graphs.state(bucket, {name: value[keep] for name, value in state.items()},
                                          len(live_rows), filler_row=batch)
         self.stats.graphed_buckets = sorted(graphs.graphs)
+
+    def _live_rows_at_check(self, done: torch.Tensor, position: int, prefill_end: int, total: int) -> list[int] | None:
+        """At every ``sync_interval``-th decoded column and the last one: the rows not yet done (the loop's one
+        device-to-host read); None between checks."""
+        decoded = position - prefill_end + 1
+        if decoded % self.sync_interval and position != total - 1:
+            return None
+        self.stats.host_reads += 1
+        return [row for row, row_done in enumerate(done.tolist()) if not row_done]
 
     def _our_step(self, weights, cache, state, results, setup, key_length):
         """One decode column for the rows of ``state``, all on the device: the model step at ``positions``, then
