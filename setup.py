@@ -15,6 +15,7 @@ CONSOLE_SCRIPTS = [
     "grace-report = megatron_grace.cli.report:main",
     "grace-explain = megatron_grace.cli.explain:main",
     "grace-plot = megatron_grace.cli.plot_metrics:main",
+    "grace-prepare-data = megatron_grace.cli.prepare_data:main",
 ]
 
 setup(

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .checkpointing import load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
+from .checkpointing import export_to_hf, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import GraceConfig, parse_args
 from .contrastive import NO_RATIONALE, ContrastiveStep
 from .data.dataset import load_grace_dataset
@@ -27,7 +27,6 @@ from .grpo.experience import SequenceBatch, one_pass_forward
 from .metrics import MetricsLogger
 from .models import architecture_from_hf_dir
 from .models.builder import build_gpt_model, make_transformer_config
-from .models.convert import export_to_hf
 from .models.hf_io import eos_token_ids, load_hf_weights
 from .optim import GuardedOptimizer, wrap_for_training
 from .platform import ParallelLayout, initialize_distributed

@@ -1,13 +1,12 @@
 """GRACE data pipeline: prompts and L_sys per chat template, bad rows, strict mode, length handling, sampler."""
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron_grace.cli import build_sample_data, prepare_data
 from megatron_grace.data import (
     SYSTEM_PROMPT,
     DataError,
@@ -276,19 +275,7 @@ def test_shard_gives_contiguous_whole_slices():
 
 
 # ------------------------------------------------------------------------------------------------- prepare_data tool
-def load_tool(name):
-    """A script from tools/ as a module (tools/ is not a package)."""
-    module_name = f"_tools_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up while the class is created
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
 def test_prepare_data_filters_and_splits(tmp_path, smollm2_tokenizer_dir, builder, capsys):
-    prepare_data = load_tool("prepare_data")
     short = "Cats purr when content."
     max_length = len(builder.build(short)) + 2
     lines = [row(query=f"q{i}", positive=short) for i in range(10)]
@@ -316,7 +303,6 @@ SAMPLE_DATA = REPO / "examples" / "data"
 
 
 def test_wordnet_data_lines_parse():
-    build_sample_data = load_tool("build_sample_data")
     noun = build_sample_data.parse_data_line(
         "00406612 04 n 02 fold 0 folding 0 003 @ 00404403 n 0000 + 01277992 v 0201 ~ 00406800 n 0000 | "
         'the act of folding; "he gave the napkins a double fold"  \n'
@@ -339,7 +325,6 @@ def test_wordnet_data_lines_parse():
 
 
 def test_wordnet_build_keeps_held_out_text_out_of_training(monkeypatch):
-    build_sample_data = load_tool("build_sample_data")
     Synset = build_sample_data.Synset
     synsets = [
         Synset("1-n", ["cat"], "0-n", "a small feline", ["the cat purred"]),

@@ -11,9 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The scripts as setup.py declares them (read from the file, so a script added there is tested here too).
-DECLARED = dict(re.findall(r'"(grace-[a-z]+) = ([\w.]+:\w+)"', (REPO / "setup.py").read_text()))
+DECLARED = dict(re.findall(r'"(grace-[a-z-]+) = ([\w.]+:\w+)"', (REPO / "setup.py").read_text()))
 TOOL_FILES = {"grace-convert": "convert_hf.py", "grace-eval": "eval_mteb.py", "grace-report": "report.py",
-              "grace-explain": "explain.py", "grace-plot": "plot_metrics.py"}
+              "grace-explain": "explain.py", "grace-plot": "plot_metrics.py", "grace-prepare-data": "prepare_data.py"}
 
 
 def test_every_tool_has_a_console_script():
@@ -21,6 +21,19 @@ def test_every_tool_has_a_console_script():
     for name, tool in TOOL_FILES.items():
         module = DECLARED[name].split(":")[0]
         assert f"from {module} import main" in (REPO / "tools" / tool).read_text(), name
+
+
+def test_every_tool_is_a_thin_wrapper_of_its_cli_module():
+    """The code of each ``tools/<name>.py`` lives in ``megatron_grace/cli/<name>.py`` (one home for entry points);
+    the file only keeps ``python tools/<name>.py`` working and says so."""
+    tools = sorted(path for path in (REPO / "tools").glob("*.py") if path.name != "__init__.py")
+    assert len(tools) == 8, [path.name for path in tools]
+    for path in tools:
+        text = path.read_text()
+        assert (REPO / "megatron_grace" / "cli" / path.name).is_file(), path.name
+        assert f"from megatron_grace.cli.{path.stem} import main" in text, path.name
+        assert f"this file keeps ``python tools/{path.name}`` working" in text, path.name
+        assert len(text.splitlines()) <= 12, f"{path.name}: code belongs in megatron_grace/cli/{path.name}"
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))

@@ -38,9 +38,9 @@ def main(argv=None) -> None:
     to_hf.add_argument("--max-shard-size-gb", type=float, default=2.0)
     args = parser.parse_args(argv)
 
-    from megatron_grace.checkpointing import CheckpointError
+    from megatron_grace.checkpointing import (CheckpointError, OutputNotEmptyError, hf_to_mcore_checkpoint,
+                                              mcore_checkpoint_to_hf)
     from megatron_grace.models.config import UnsupportedModelError
-    from megatron_grace.models.convert import OutputNotEmptyError, hf_to_mcore_checkpoint, mcore_checkpoint_to_hf
     from megatron_grace.models.state_dict import StateDictMismatchError
     from megatron_grace.platform import ParallelLayout, destroy_distributed, initialize_distributed
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_grace.config import parse_args
-from megatron_grace.models.convert import export_to_hf
+from megatron_grace.checkpointing import export_to_hf
 from megatron_grace.platform import ParallelLayout, initialize_distributed, seed_everything
 from megatron_grace.testing import cuda_backend_on_cpu, stable_metrics
 from megatron_grace.train import GraceTrainer

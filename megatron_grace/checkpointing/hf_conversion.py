@@ -1,6 +1,8 @@
-"""Hugging Face ↔ Megatron-Core conversion, as library functions: the CLI (``tools/convert_hf.py``,
+"""Hugging Face ↔ Megatron-Core checkpoint conversion, as library functions: the CLI (``tools/convert_hf.py``,
 ``megatron_grace/cli/convert_hf.py``) parses flags and calls these, and training's ``--export-hf`` calls
-:func:`export_to_hf` on the live model.
+:func:`export_to_hf` on the live model. It lives on the checkpoint side: it reads and writes checkpoints with
+:mod:`.dist_checkpoint` and HF folders with :mod:`megatron_grace.models.hf_io`, so ``models/`` never imports
+checkpointing.
 
 * :func:`hf_to_mcore_checkpoint`: an HF folder → a ``dist_checkpointing`` checkpoint (iteration 0), layout-free.
 * :func:`mcore_checkpoint_to_hf`: a checkpoint written at any TP/PP layout → an HF folder (one process).
@@ -19,10 +21,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from ..models.builder import build_gpt_model, make_transformer_config
+from ..models.config import ModelArchitecture
+from ..models.hf_io import load_hf_model, load_hf_weights, save_hf_model
+from ..models.state_dict import global_name, local_spec_name, mcore_to_hf
 from ..utils import unwrap
-from .config import ModelArchitecture
-from .hf_io import load_hf_model, load_hf_weights, save_hf_model
-from .state_dict import global_name, local_spec_name, mcore_to_hf
+from .dist_checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -45,9 +49,6 @@ def prepare_output(path: str | Path, overwrite: bool) -> Path:
 def hf_to_mcore_checkpoint(hf_path: str | Path, save: str | Path, *, overwrite: bool = False) -> Path:
     """Write the HF folder ``hf_path`` as a Megatron checkpoint under ``save`` (in the HF weights' dtype, with the
     tokenizer). Returns the iteration folder."""
-    from ..checkpointing import save_checkpoint
-    from .builder import build_gpt_model, make_transformer_config
-
     hf_path = Path(hf_path)
     arch, hf_state = load_hf_model(hf_path)
     source_dtype = next(iter(hf_state.values())).dtype
@@ -62,9 +63,6 @@ def mcore_checkpoint_to_hf(load: str | Path, save: str | Path, *, dtype: str | N
                            overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write the checkpoint ``load`` (a ``--save`` directory: its latest checkpoint; or one ``iter_*`` folder) as
     an HF folder ``save``, in ``dtype`` (default: the model's). Returns the checkpoint folder read."""
-    from ..checkpointing import CheckpointError, load_checkpoint, read_checkpoint_meta, resolve_checkpoint
-    from .builder import build_gpt_model, make_transformer_config
-
     checkpoint = resolve_checkpoint(load)
     if checkpoint is None:
         raise CheckpointError(f"--load {load}: no checkpoint found (no {load}/latest_checkpointed_iteration.txt)")

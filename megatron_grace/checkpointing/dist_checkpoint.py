@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .models.config import ModelArchitecture
-from . import fault_injection
-from .utils import sha256_file, unwrap
+from .. import fault_injection
+from ..models.config import ModelArchitecture
+from ..utils import sha256_file, unwrap
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "grace_checkpoint.json"
