@@ -209,6 +209,8 @@ def test_documented_command_runs(tiny, tmp_path, command):
         metrics = saves[-1] / "metrics.jsonl"
         assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1], completed.stdout
         assert (saves[-1] / "hf" / "config.json").is_file()
+        # The launcher plots the run it trained, wherever --save put it (a config's folder or the user's).
+        assert (saves[-1] / "metrics.png").is_file(), completed.stdout[-2000:]
     elif "hf-to-mcore" in command:
         assert (tmp_path / "mcore" / "latest_checkpointed_iteration.txt").is_file()
     elif "mcore-to-hf" in command:

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,10 @@ from megatron_grace.config import parse_args
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs"
 SBATCH = REPO / "examples" / "slurm" / "pretrain_grace.sbatch"
-CONFIGS = sorted(path for path in CONFIG_DIR.glob("*.sh") if path.name != "paper_defaults.sh")
+DEMO_CONFIG = CONFIG_DIR / "smollm2-cpu-demo.sh"
+# The paper configs (the demo and the files they source are not configs of a paper run).
+CONFIGS = sorted(path for path in CONFIG_DIR.glob("*.sh")
+                 if path.name not in {"paper_defaults.sh", "last_flag_value.sh", DEMO_CONFIG.name})
 BASELINE_CONFIGS = [path for path in CONFIGS if path.stem.endswith(("-infonce", "-simcse"))]
 GRACE_CONFIGS = [path for path in CONFIGS if path not in BASELINE_CONFIGS]
 SHELL_SCRIPTS = sorted([*REPO.glob("examples/**/*.sh"), *REPO.glob("examples/**/*.sbatch"), *REPO.glob("*.sh"),
@@ -102,6 +106,45 @@ def test_baseline_configs_share_one_set_of_settings():
         assert args.save == args.load and args.save.startswith(f"runs/{algorithm}-")
         for node_count in (1, 2):
             args.config.validate(world_size=8 * node_count, read_model_config=False)
+
+
+# The flags the committed study (results/quality_smollm2_cpu/) was made with, before the demo's values moved into
+# examples/configs/smollm2-cpu-demo.sh: the study script must still give each run exactly these.
+STUDY_GRACE_FLAGS = ["--seed", "1234", "--max-prompt-length", "256", "--train-iters", "16", "--global-batch-size", "4",
+                     "--ppo-mini-batch-size", "1", "--rollout-n", "4", "--micro-batch-size", "4",
+                     "--max-response-length", "128", "--rollout-temperature", "0.7", "--lr", "1e-5", "--kl-coef",
+                     "0.04", "--save-interval", "8", "--sample-interval", "1"]
+STUDY_INFONCE_FLAGS = ["--seed", "1234", "--max-prompt-length", "256", "--algorithm", "infonce", "--train-iters", "20",
+                       "--global-batch-size", "16", "--micro-batch-size", "8", "--lr", "1e-5"]
+
+
+def test_quality_study_runs_the_flags_its_results_were_made_with(tmp_path):
+    """The study sources the demo config and adds its own step count and learning rate: every run's parsed settings
+    equal those of the flags it was run with (so the committed results stay reproducible from the script)."""
+    completed = subprocess.run([BASH, "results/quality_smollm2_cpu/run_study.sh", str(tmp_path / "work")], cwd=REPO,
+                               capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, DRY_RUN=str(tmp_path), PYTHON=sys.executable))
+    assert completed.returncode == 0, completed.stderr
+    expected = {"grace-code": [*STUDY_GRACE_FLAGS, "--reward-variant", "code"],
+                "grace-per-rollout": [*STUDY_GRACE_FLAGS, "--reward-variant", "per-rollout"],
+                "infonce": STUDY_INFONCE_FLAGS}
+    assert {path.stem for path in tmp_path.glob("*.args")} == set(expected)
+    for name, flags in expected.items():
+        argv = (tmp_path / f"{name}.args").read_text().split("\0")[:-1]
+        save = ["--save", str(tmp_path / "work" / name), "--load", str(tmp_path / "work" / name),
+                "--export-hf", str(tmp_path / "work" / "models" / name)]
+        assert parsed(argv).config == parsed([*flags, *save]).config, name
+
+
+def test_demo_config_is_the_main_jobs_settings():
+    """What the README's main job trains with: 8 steps of 4 prompts x 4 rollouts on the embedded model, a quarter
+    batch per optimizer step, the KL term for GRPO only."""
+    args = parsed(config_args(DEMO_CONFIG))
+    assert (args.train_iters, args.global_batch_size, args.rollout_n, args.ppo_mini_batch_size) == (8, 4, 4, 1)
+    assert (args.max_prompt_length, args.max_response_length, args.rollout_temperature) == (256, 128, 0.7)
+    assert (args.lr, args.kl_coef, args.seed, args.save) == (2e-5, 0.04, 1234, "runs/grace-smollm2-supervised")
+    assert args.export_hf == "runs/grace-smollm2-supervised/hf"
+    assert parsed(config_args(DEMO_CONFIG, TRAIN_MODE="unsupervised")).save == "runs/grace-smollm2-unsupervised"
 
 
 def test_config_paths_follow_the_environment(tmp_path):
