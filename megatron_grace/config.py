@@ -149,6 +149,12 @@ class CheckpointConfig:
                                                         "newest complete older one")
     export_hf: str | None = flag(None, "write an HF folder of the final policy to DIR (no value: <save>/hf)",
                                  type=str, nargs="?", const=EXPORT_UNDER_SAVE, metavar="DIR")
+    # Planned exits (Megatron-LM's flags; megatron_grace/planned_exit.py): finish the step in flight, save it, exit 0.
+    exit_signal_handler: bool = flag(False, "SIGTERM or SIGUSR1 on any rank requests a planned exit (the request "
+                                            "file <save>/exit_requested always does)")
+    exit_duration_in_mins: float | None = flag(None, "planned exit once the trainer has run N minutes (set-up "
+                                                     "included)", type=float, metavar="N")
+    exit_interval: int | None = flag(None, "planned exit after every N-th step (N, 2N, ...)", type=int, metavar="N")
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,12 @@ class GraceConfig:
         checkpoint = self.checkpoint
         if checkpoint.save_interval is not None and (checkpoint.save_interval < 1 or checkpoint.save is None):
             raise ConfigError("--save-interval needs --save and a positive interval")
+        exit_flags = {"--exit-signal-handler": checkpoint.exit_signal_handler,
+                      "--exit-duration-in-mins": checkpoint.exit_duration_in_mins is not None,
+                      "--exit-interval": checkpoint.exit_interval is not None}
+        if checkpoint.save is None and any(exit_flags.values()):
+            raise ConfigError(f"{' / '.join(name for name, given in exit_flags.items() if given)} needs --save: a "
+                              f"planned exit saves the last completed step")
         if checkpoint.export_hf == EXPORT_UNDER_SAVE and checkpoint.save is None:
             raise ConfigError("--export-hf without a folder exports under --save: give --save or a folder")
         if read_model_config:
@@ -249,6 +261,8 @@ class GraceConfig:
                     "max_response_length": self.rollout.max_response_length,
                     "rollout_sync_interval": self.rollout.rollout_sync_interval,
                     "max_prompt_length": self.data.max_prompt_length,
+                    **{name: getattr(self.checkpoint, name) for name in ("exit_duration_in_mins", "exit_interval")
+                       if getattr(self.checkpoint, name) is not None},
                     "log_interval": self.logging.log_interval,
                     "distributed_timeout_minutes": self.parallel.distributed_timeout_minutes,
                     "reward_temperature": self.objective.reward_temperature,

@@ -6,6 +6,10 @@ step being run or saved::
         GRACE_FAULT_KILL=<stage>:<step>      the rank SIGKILLs itself on entering <stage> (save: after its shards are
                                              written, before the checkpoint is complete)
         GRACE_FAULT_STALL=<stage>:<step>     the rank sleeps forever at the same point
+        GRACE_FAULT_SIGNAL=<stage>:<step>    the rank sends SIGTERM to its launcher's process group at the same point
+                                             (torchrun's, as `kill -TERM -PGID` from outside would; torchrun starts
+                                             each rank in a session of its own and forwards the signal to them);
+                                             stage first_step: the step boundary before the launch's first step
         GRACE_FAULT_NONFINITE=<what>:<step>[,<what>:<step>...]
                                              reward -> NaN rewards, loss -> +Inf loss (gradients stay finite),
                                              grad -> NaN in one gradient
@@ -41,12 +45,18 @@ def _fault_targets(variable: str) -> set[tuple[str, int]]:
 
 
 def point(stage: str, step: int) -> None:
-    """Kill or stall this rank here if GRACE_FAULT_KILL / GRACE_FAULT_STALL name ``stage`` and ``step``."""
+    """Kill, signal or stall this rank here if GRACE_FAULT_KILL / _SIGNAL / _STALL name ``stage`` and ``step``."""
     if not _is_fault_rank():
         return
     if (stage, step) in _fault_targets("GRACE_FAULT_KILL"):
         print(f"[fault] rank {global_rank()}: SIGKILL in stage '{stage}' of step {step}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if (stage, step) in _fault_targets("GRACE_FAULT_SIGNAL"):
+        launcher_group = os.getpgid(os.getppid())
+        print(f"[fault] rank {global_rank()}: SIGTERM to the launcher's process group {launcher_group} in stage "
+              f"'{stage}' of step {step}", file=sys.stderr, flush=True)
+        os.killpg(launcher_group, signal.SIGTERM)
+        time.sleep(3)  # torchrun forwards the signal to this rank meanwhile: it has arrived when the stage goes on
     if (stage, step) in _fault_targets("GRACE_FAULT_STALL"):
         print(f"[fault] rank {global_rank()}: stalling in stage '{stage}' of step {step}", file=sys.stderr, flush=True)
         while True:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from .console import configure_console, timed_phase
@@ -17,21 +18,24 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .checkpointing import export_to_hf, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint
+from . import fault_injection
+from .checkpointing import (checkpoint_to_resume, export_to_hf, load_checkpoint, read_checkpoint_meta,
+                            save_checkpoint)
 from .config import GraceConfig, parse_args
 from .contrastive import NO_RATIONALE, ContrastiveStep
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
 from .grpo import GrpoStep
 from .grpo.experience import SequenceBatch, one_pass_forward
+from .guards import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
+                     checkpoint_size_estimate)
 from .metrics import MetricsLogger
 from .models import architecture_from_hf_dir
 from .models.builder import build_gpt_model, make_transformer_config
 from .models.hf_io import eos_token_ids, load_hf_weights
 from .optim import GuardedOptimizer, wrap_for_training
+from .planned_exit import ExitReason, PlannedExit
 from .platform import ParallelLayout, initialize_distributed
-from .guards import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
-                          checkpoint_size_estimate)
 from .rollout import RolloutEngine, RolloutRequest
 
 
@@ -41,16 +45,20 @@ def log0(message: str) -> None:
 
 
 class GraceTrainer:
-    def __init__(self, config: GraceConfig):
+    def __init__(self, config: GraceConfig, *, started: float | None = None):
+        """``started``: ``time.monotonic()`` at the process's start, for ``--exit-duration-in-mins`` (default: now)."""
         from transformers import AutoTokenizer
 
         from .default_model import default_model_dir
 
         self.config = config
+        # First, so that a signal during the slow set-up is a request too (acted on at the first step boundary).
+        self.planned_exit = PlannedExit(config.checkpoint, started=started or time.monotonic(), first_iteration=0)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.hf_dir = Path(config.model.hf_model) if config.model.hf_model else default_model_dir()
-        self.checkpoint = self._find_checkpoint()
+        self.checkpoint = checkpoint_to_resume(config.checkpoint, config.model.hf_model or 'the default model',
+                                               log=log0)
         self.arch = architecture_from_hf_dir(self.hf_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -71,10 +79,12 @@ class GraceTrainer:
 
         self.dataset = self._load_dataset()
         self.sampler = GroupSampler(len(self.dataset), config.training.global_batch_size, config.training.seed)
-        self.iteration = 0
+        self.iteration = self.saved_iteration = 0
         if self.checkpoint is not None:
             with timed_phase(f"loaded {self.checkpoint}", printer=log0):
                 self._resume()
+        self.planned_exit.first_iteration = self.iteration
+        self.exit_reason = ExitReason.NONE
         self.logger = MetricsLogger(config.logging, save=config.checkpoint.save, settings=config.flat(),
                                     is_logging_rank=dist.get_rank() == dist.get_world_size() - 1)
         self.watchdog = StallWatchdog(config.parallel.distributed_timeout_minutes)
@@ -98,17 +108,6 @@ class GraceTrainer:
                         train_mode=config.data.train_mode, num_negatives=self.dataset.num_negatives,
                         log_samples=self.logger.samples if self.logger.is_logging_rank else None,
                         tokenizer=self.tokenizer, **common)
-
-    def _find_checkpoint(self) -> Path | None:
-        checkpoint_config = self.config.checkpoint
-        if not checkpoint_config.load:
-            return None
-        checkpoint = resolve_checkpoint(checkpoint_config.load, log=log0,
-                                        fallback_to_previous=checkpoint_config.fallback_to_previous_checkpoint)
-        if checkpoint is None:
-            log0(f"WARNING: --load {checkpoint_config.load} holds no checkpoint; starting from "
-                 f"{self.config.model.hf_model or 'the default model'} (expected on the first launch)")
-        return checkpoint
 
     def _build_model(self):
         config = make_transformer_config(self.arch, params_dtype=self.params_dtype,
@@ -141,7 +140,7 @@ class GraceTrainer:
         run_state = meta.get("run_state", {})
         if "data" in run_state:
             self.sampler.load_state_dict(run_state["data"])
-            self.iteration = meta["iteration"]
+            self.iteration = self.saved_iteration = meta["iteration"]
             self.optimizer.optimizer_steps = run_state.get("optimizer_steps", 0)
         log0(f"resumed from {self.checkpoint} at iteration {self.iteration}"
              f"{'' if with_optimizer else ' (weights only)'}; data position {self.sampler.state_dict()}")
@@ -175,15 +174,21 @@ class GraceTrainer:
     # ------------------------------------------------------------------------------------------------ loop
     def steps(self):
         """Train up to ``--train-iters``, checkpointing every ``--save-interval`` steps and at the end (with
-        ``--save``); yields each step's metrics before its checkpoint. The loop of :meth:`train` and of the
-        multi-rank test workers."""
-        interval = self.config.checkpoint.save_interval
-        while self.iteration < self.config.training.train_iters:
+        ``--save``), or up to a planned exit (``planned_exit.py``), which all ranks agree on at a step boundary: the
+        last completed step is saved. Yields each step's metrics before its checkpoint. The loop of :meth:`train`
+        and of the multi-rank test workers."""
+        interval, train_iters = self.config.checkpoint.save_interval, self.config.training.train_iters
+        fault_injection.point("first_step", self.iteration + 1)
+        while self.iteration < train_iters:
+            self.exit_reason = self.planned_exit.requested(self.iteration)
+            if self.exit_reason:
+                break
             yield self.train_step()
             if interval and self.iteration % interval == 0:
                 self.save()
-        if not (interval and self.iteration % interval == 0):
-            self.save()  # the final state, unless the interval has just saved it
+        if self.saved_iteration != self.iteration:
+            self.save()  # the last completed step, unless it is saved already
+        self.planned_exit.finish(self.exit_reason, self.iteration, train_iters)
 
     def save(self) -> None:
         save_dir = self.config.checkpoint.save
@@ -196,6 +201,7 @@ class GraceTrainer:
                      "args": flags}
         path = save_checkpoint(save_dir, self.iteration, self.model, self.optimizer.optimizer, arch=self.arch,
                                run_state=run_state, tokenizer_dir=self.hf_dir)
+        self.saved_iteration = self.iteration
         self.watchdog.idle()
         log0(f"saved checkpoint {path}")
 
@@ -215,7 +221,7 @@ class GraceTrainer:
             from .report import build_report
 
             print(f"run report: {build_report(config.checkpoint.save)}", flush=True)
-        if config.checkpoint.export_hf:
+        if config.checkpoint.export_hf and not self.exit_reason:  # the export is of the final policy
             export_to_hf(self.model, self.arch, config.checkpoint.export_hf, tokenizer_dir=self.hf_dir)
             log0(f"exported the trained policy to {config.checkpoint.export_hf}")
 
@@ -236,6 +242,7 @@ class GraceTrainer:
 
 
 def main(argv=None) -> None:
+    started = time.monotonic()
     config = parse_args(argv)
     configure_console(config.logging.log_level)
     config.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -243,7 +250,7 @@ def main(argv=None) -> None:
     initialize_distributed(ParallelLayout(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                                           parallel.sequence_parallel),
                            seed=config.training.seed, timeout_minutes=parallel.distributed_timeout_minutes)
-    trainer = GraceTrainer(config)
+    trainer = GraceTrainer(config, started=started)
     trainer.train()
     dist.barrier()
     dist.destroy_process_group()

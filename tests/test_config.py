@@ -87,7 +87,9 @@ INVALID = {
         (1, ["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be positive"),
         (1, ["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be positive"),
         (1, ["--query-temperature", "0"], "--query-temperature must be positive"),
-        (1, ["--reward-temperature", "-1"], "--reward-temperature must be positive")],
+        (1, ["--reward-temperature", "-1"], "--reward-temperature must be positive"),
+        (1, ["--exit-interval", "0", "--save", "runs/x"], "--exit-interval must be positive"),
+        (1, ["--exit-duration-in-mins", "-1", "--save", "runs/x"], "--exit-duration-in-mins must be positive")],
     "a global batch not divisible by the data-parallel size": [(4, ["--global-batch-size", "6"], "--global-batch-size "
                                                                 "6 is not divisible by the data-parallel size 4")],
     "a global batch not divisible by `--ppo-mini-batch-size`, or a mini-batch not divisible by the data-parallel "
@@ -116,6 +118,10 @@ INVALID = {
                                                                      "--tensor-model-parallel-size > 1")],
     "`--save-interval` without `--save`": [(1, ["--save-interval", "5"], "--save-interval needs --save")],
     "`--export-hf` without a folder and without `--save`": [(1, ["--export-hf"], "--export-hf without a folder")],
+    "`--exit-signal-handler`, `--exit-duration-in-mins` or `--exit-interval` without `--save`": [
+        (1, ["--exit-signal-handler"], "--exit-signal-handler needs --save"),
+        (1, ["--exit-interval", "5", "--exit-duration-in-mins", "60"],
+         "--exit-duration-in-mins / --exit-interval needs --save")],
     "TP not dividing the heads or KV heads of `--hf-model`, PP above its layer count": [
         (3, ["--tensor-model-parallel-size", "3", "--hf-model", "{model}"], "--tensor-model-parallel-size 3 does "
                                                                             "not divide the model's 4 attention heads"),

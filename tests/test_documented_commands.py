@@ -66,6 +66,10 @@ HOW = {
     "--output-dir data/e5": ("run", {}),
     "python tools/prepare_data.py wiki1m_for_simcse.txt --mode unsupervised --hf-model models/Qwen2.5-1.5B-Instruct "
     "--output-dir data/wiki1m": ("run", {}),
+    "touch runs/grace-qwen2.5-3b-instruct-sup/exit_requested":
+        ("elsewhere", "tests/test_planned_exit.py (the request file on two ranks)"),
+    "scancel --signal=USR1 --batch JOBID": ("elsewhere", "tests/test_launchers.py (a real SLURM job, requeued)"),
+    f"{LAUNCH} --exit-duration-in-mins 230": ("run", {}),
     "python tools/build_sample_data.py": ("not here", "downloads Debian's wordnet-base (apt-get download)"),
     "python tools/build_sample_data.py --wordnet-dir /usr/share/wordnet":
         ("elsewhere", "tests/test_data.py (its parser on WordNet lines); needs a WordNet installation to run whole"),

@@ -15,7 +15,7 @@ ALLOWED = {
     "kernels": set(),  # the top-level kernels/ folder, installed as megatron_grace.kernels
     "models": {"config", "platform", "utils"},
     "data": {"config"},
-    "checkpointing": {"models", "utils", "fault_injection", "platform"},
+    "checkpointing": {"config", "models", "utils", "fault_injection", "platform"},
     "rollout": {"config", "kernels", "models", "platform", "utils"},
     "eval": {"", "config", "data", "kernels", "utils", "default_model"},
     "grpo": {"config", "data", "kernels", "rollout", "platform", "schedule", "optim", "metrics", "fault_injection"},

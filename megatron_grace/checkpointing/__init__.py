@@ -4,6 +4,7 @@ verified load, resume) and their conversion to and from Hugging Face folders (``
 from .dist_checkpoint import (
     LATEST_FILE,
     CheckpointError,
+    checkpoint_to_resume,
     complete_iterations,
     iteration_dir,
     load_checkpoint,
@@ -18,6 +19,7 @@ from .hf_conversion import OutputNotEmptyError, export_to_hf, hf_to_mcore_checkp
 __all__ = [
     "LATEST_FILE",
     "CheckpointError",
+    "checkpoint_to_resume",
     "OutputNotEmptyError",
     "complete_iterations",
     "export_to_hf",

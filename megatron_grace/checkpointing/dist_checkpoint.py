@@ -26,6 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .. import fault_injection
+from ..config import CheckpointConfig
 from ..models.config import ModelArchitecture
 from ..utils import sha256_file, unwrap
 
@@ -199,6 +200,18 @@ def resolve_checkpoint(load_dir: str | Path, *, fallback_to_previous: bool = Fal
                                       f"older one)") from error
             log(f"WARNING: {error}; falling back to the previous checkpoint")
     return None
+
+
+def checkpoint_to_resume(checkpoint: CheckpointConfig, start_from: str, *, log=print) -> Path | None:
+    """The checkpoint ``--load`` resumes from (None: start from ``start_from``, the HF model, with a warning)."""
+    if not checkpoint.load:
+        return None
+    found = resolve_checkpoint(checkpoint.load, log=log,
+                               fallback_to_previous=checkpoint.fallback_to_previous_checkpoint)
+    if found is None:
+        log(f"WARNING: --load {checkpoint.load} holds no checkpoint; starting from {start_from} (expected on the "
+            f"first launch)")
+    return found
 
 
 def check_architecture(meta: dict, arch: ModelArchitecture, checkpoint_dir: Path) -> None:
