@@ -155,11 +155,14 @@ class CheckpointConfig:
     exit_duration_in_mins: float | None = flag(None, "planned exit once the trainer has run N minutes (set-up "
                                                      "included)", type=float, metavar="N")
     exit_interval: int | None = flag(None, "planned exit after every N-th step (N, 2N, ...)", type=int, metavar="N")
+    stop_on_collapse: bool = flag(False, "the rationale collapse alarm (GRPO) is a planned exit, not only a warning")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     log_interval: int = flag(1)
+    collapse_window: int = flag(8, "steps per window of the rationale collapse alarm: the last N steps against the "
+                                   "run's first N")
     sample_interval: int = flag(10, "print a sample rationale every N steps")
     tensorboard_dir: str | None = flag(None, "default: <save>/tensorboard", type=str)
     wandb_project: str | None = flag(None, type=str)
@@ -231,6 +234,7 @@ class GraceConfig:
         if checkpoint.save_interval is not None and (checkpoint.save_interval < 1 or checkpoint.save is None):
             raise ConfigError("--save-interval needs --save and a positive interval")
         exit_flags = {"--exit-signal-handler": checkpoint.exit_signal_handler,
+                      "--stop-on-collapse": checkpoint.stop_on_collapse,
                       "--exit-duration-in-mins": checkpoint.exit_duration_in_mins is not None,
                       "--exit-interval": checkpoint.exit_interval is not None}
         if checkpoint.save is None and any(exit_flags.values()):
@@ -264,6 +268,7 @@ class GraceConfig:
                     **{name: getattr(self.checkpoint, name) for name in ("exit_duration_in_mins", "exit_interval")
                        if getattr(self.checkpoint, name) is not None},
                     "log_interval": self.logging.log_interval,
+                    "collapse_window": self.logging.collapse_window,
                     "distributed_timeout_minutes": self.parallel.distributed_timeout_minutes,
                     "reward_temperature": self.objective.reward_temperature,
                     "rollout_temperature": self.rollout.rollout_temperature,

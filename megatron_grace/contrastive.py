@@ -166,6 +166,13 @@ class ContrastiveStep:
     length_multiple: int
     is_last_stage: bool
 
+    def state_dict(self) -> dict:
+        """Nothing to keep between runs (the GRPO step keeps its collapse alarm's windows)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __call__(self, examples: list, step: int, *, lr_of, **unused) -> dict:
         rows = ContrastiveRows.build(examples, self.objective.algorithm)
         batch = rows.sequence_batch(pad_token_id=self.pad_token_id, length_multiple=self.length_multiple)

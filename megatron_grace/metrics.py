@@ -16,7 +16,8 @@ from megatron.core import parallel_state
 from .config import LoggingConfig
 
 PROGRESS_BAR_WIDTH = 20
-SHOWN = (("reward_mean", "reward", "{:.3f}"), ("reward_pos_mean", "pos", "{:.3f}"), ("loss", "loss", "{:+.4f}"),
+SHOWN = (("reward_mean", "reward", "{:.3f}"), ("reward_pos_mean", "pos", "{:.3f}"),
+         ("margin_mean", "margin", "{:+.4f}"), ("loss", "loss", "{:+.4f}"),
          ("response_length_mean", "len", "{:.1f}"), ("truncation_rate", "trunc", "{:.2f}"),
          ("grad_norm", "gnorm", "{:.3f}"), ("seconds_per_step", "s/step", "{:.1f}"),
          ("tokens_per_s", "tok/s", "{:.0f}"))
@@ -116,6 +117,11 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         if step % self.config.log_interval == 0 or step == self.last_step:
             print(self._progress_line(metrics), flush=True)
+
+    def is_sampled_step(self, step: int) -> bool:
+        """Steps 1, 1 + N, 1 + 2N, ... for ``--sample-interval N`` (0: none)."""
+        interval = self.config.sample_interval
+        return bool(interval) and (step - 1) % interval == 0
 
     def _progress_line(self, metrics: dict) -> str:
         step = metrics["step"]

@@ -7,7 +7,8 @@ A stop is requested by any of
   shell, which holds no training process, asks every node at once (``examples/slurm/pretrain_grace.sbatch`` writes it
   when SLURM signals the job ahead of its time limit), and how a user stops a run on purpose (``touch`` it);
 * ``--exit-duration-in-mins N``: the trainer has run N minutes (set-up included, as in Megatron-LM);
-* ``--exit-interval N``: after every N-th step.
+* ``--exit-interval N``: after every N-th step;
+* the rationale collapse alarm, with ``--stop-on-collapse`` (``grpo/collapse.py``).
 
 The step in flight when a request arrives is finished, never abandoned: a signal only sets a flag, and the ranks agree
 at the next step boundary through one all-reduce (the largest request code wins), so every rank stops after the same
@@ -43,6 +44,7 @@ class ExitReason(enum.IntEnum):
     DURATION = 2
     REQUEST_FILE = 3
     SIGNAL = 4
+    COLLAPSE = 5
 
 
 class PlannedExit:
@@ -53,6 +55,7 @@ class PlannedExit:
         self.started = started
         self.first_iteration = first_iteration
         self.signal_name: str | None = None
+        self.collapsed = False
         if checkpoint.exit_signal_handler:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, self._on_signal)
@@ -67,7 +70,12 @@ class PlannedExit:
     def request_file(self) -> Path | None:
         return Path(self.config.save) / REQUEST_FILE if self.config.save else None
 
+    def request_on_collapse(self) -> None:
+        self.collapsed = True
+
     def _local_request(self, iteration: int) -> ExitReason:
+        if self.collapsed:
+            return ExitReason.COLLAPSE
         if self.signal_name is not None:
             return ExitReason.SIGNAL
         if global_rank() == 0 and self.request_file is not None and self.request_file.exists():
@@ -91,7 +99,8 @@ class PlannedExit:
         return {ExitReason.SIGNAL: f"{self.signal_name or 'a signal to another rank'} received (--exit-signal-handler)",
                 ExitReason.REQUEST_FILE: f"{self.request_file} found",
                 ExitReason.DURATION: f"--exit-duration-in-mins {self.config.exit_duration_in_mins} reached",
-                ExitReason.INTERVAL: f"--exit-interval {self.config.exit_interval}"}[reason]
+                ExitReason.INTERVAL: f"--exit-interval {self.config.exit_interval}",
+                ExitReason.COLLAPSE: "the rationale collapse alarm (--stop-on-collapse)"}[reason]
 
     def finish(self, reason: ExitReason, iteration: int, train_iters: int) -> None:
         """After the loop, with the checkpoint of ``iteration`` complete: rank 0 removes the request file it acted on

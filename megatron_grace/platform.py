@@ -107,3 +107,11 @@ def destroy_distributed() -> None:
 def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
+
+
+def sequence_length_multiple(parallel) -> int:
+    """What every sequence width must be a multiple of: sequence parallelism splits the sequence over the TP ranks
+    (``parallel``: the config's ParallelConfig)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size() if parallel.sequence_parallel else 1

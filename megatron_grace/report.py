@@ -27,6 +27,7 @@ SAMPLES_FILE = "samples.jsonl"
 CURVES: list[tuple[str, list[str]]] = [
     ("reward (total)", ["reward_mean"]),
     ("reward terms", ["reward_pos_mean", "reward_neg_mean", "reward_clust_mean", "reward_cross_mean"]),
+    ("collapse signals (grpo/collapse.py)", ["margin_mean", "embedding_spread", "distinct_2", "near_identical_share"]),
     ("share of the advantage variance", ["advantage_share_pos", "advantage_share_neg", "advantage_share_clust",
                                          "advantage_share_cross", "advantage_share_length"]),
     ("response length (tokens)", ["response_length_mean", "response_length_max"]),

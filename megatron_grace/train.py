@@ -26,6 +26,7 @@ from .contrastive import NO_RATIONALE, ContrastiveStep
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
 from .grpo import GrpoStep
+from .grpo.collapse import CollapseAlarm
 from .grpo.experience import SequenceBatch, one_pass_forward
 from .guards import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
                      checkpoint_size_estimate)
@@ -35,7 +36,7 @@ from .models.builder import build_gpt_model, make_transformer_config
 from .models.hf_io import eos_token_ids, load_hf_weights
 from .optim import GuardedOptimizer, wrap_for_training
 from .planned_exit import ExitReason, PlannedExit
-from .platform import ParallelLayout, initialize_distributed
+from .platform import ParallelLayout, initialize_distributed, sequence_length_multiple
 from .rollout import RolloutEngine, RolloutRequest
 
 
@@ -80,9 +81,10 @@ class GraceTrainer:
         self.dataset = self._load_dataset()
         self.sampler = GroupSampler(len(self.dataset), config.training.global_batch_size, config.training.seed)
         self.iteration = self.saved_iteration = 0
+        step_state = {}
         if self.checkpoint is not None:
             with timed_phase(f"loaded {self.checkpoint}", printer=log0):
-                self._resume()
+                step_state = self._resume()
         self.planned_exit.first_iteration = self.iteration
         self.exit_reason = ExitReason.NONE
         self.logger = MetricsLogger(config.logging, save=config.checkpoint.save, settings=config.flat(),
@@ -90,6 +92,7 @@ class GraceTrainer:
         self.watchdog = StallWatchdog(config.parallel.distributed_timeout_minutes)
         self.engine = None
         self.algorithm_step = self._build_step(StepPhases(self.watchdog))
+        self.algorithm_step.load_state_dict(step_state)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _build_step(self, phases: StepPhases):
@@ -97,17 +100,19 @@ class GraceTrainer:
         config = self.config
         common = dict(model=self.model, optimizer=self.optimizer, phases=phases, training=config.training,
                       objective=config.objective, pad_token_id=self.pad_token_id,
-                      length_multiple=self._length_multiple(), is_last_stage=self.is_last_stage)
+                      length_multiple=sequence_length_multiple(self.config.parallel), is_last_stage=self.is_last_stage)
         if config.objective.algorithm != "grace":
             return ContrastiveStep(hidden_size=self.arch.hidden_size, **common)
         rollout = config.rollout
         self.engine = RolloutEngine(self.model, rollout,
                                     eos_token_ids=eos_token_ids(self.hf_dir, self.tokenizer, self.arch),
                                     pad_token_id=self.pad_token_id)
+        stop = self.planned_exit.request_on_collapse if config.checkpoint.stop_on_collapse else None
         return GrpoStep(reference=self.reference, engine=self.engine, nonfinite=self.nonfinite, rollout=rollout,
                         train_mode=config.data.train_mode, num_negatives=self.dataset.num_negatives,
                         log_samples=self.logger.samples if self.logger.is_logging_rank else None,
-                        tokenizer=self.tokenizer, **common)
+                        tokenizer=self.tokenizer, collapse_alarm=CollapseAlarm(config.logging.collapse_window,
+                                                                               stop=stop, log=log0), **common)
 
     def _build_model(self):
         config = make_transformer_config(self.arch, params_dtype=self.params_dtype,
@@ -132,7 +137,8 @@ class GraceTrainer:
         self.config.check_training_data(dataset.num_negatives)
         return dataset
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict:
+        """Load the checkpoint; returns the state the algorithm's step kept in it."""
         meta = read_checkpoint_meta(self.checkpoint)
         with_optimizer = meta["has_optimizer"] and self.config.checkpoint.load_optim
         meta = load_checkpoint(self.checkpoint, self.model, self.optimizer.optimizer if with_optimizer else None,
@@ -144,6 +150,7 @@ class GraceTrainer:
             self.optimizer.optimizer_steps = run_state.get("optimizer_steps", 0)
         log0(f"resumed from {self.checkpoint} at iteration {self.iteration}"
              f"{'' if with_optimizer else ' (weights only)'}; data position {self.sampler.state_dict()}")
+        return run_state.get("step", {})
 
     # ------------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -152,7 +159,7 @@ class GraceTrainer:
         step = self.iteration + 1
         global_batch = self.sampler.next_batch()
         local = GroupSampler.shard(global_batch, parallel_state.get_data_parallel_rank(), self.dp_size)
-        sampled = self._is_sampled_step(step)
+        sampled = self.logger.is_sampled_step(step)
         metrics = self.algorithm_step([self.dataset[i] for i in local], step, with_lengths=sampled, sample=sampled,
                                       lr_of=lambda: self.optimizer.lr)
         self.iteration = step
@@ -160,16 +167,6 @@ class GraceTrainer:
         metrics["sample_ids"] = [self.dataset[i].sample_id for i in global_batch]
         self.watchdog.idle()
         return metrics
-
-    def _is_sampled_step(self, step: int) -> bool:
-        """Steps 1, 1 + N, 1 + 2N, ... for ``--sample-interval N`` (0: none)."""
-        interval = self.config.logging.sample_interval
-        return bool(interval) and (step - 1) % interval == 0
-
-    def _length_multiple(self) -> int:
-        """Sequence parallelism splits the sequence over TP ranks: widths must divide by TP."""
-        return (parallel_state.get_tensor_model_parallel_world_size() if self.config.parallel.sequence_parallel
-                else 1)
 
     # ------------------------------------------------------------------------------------------------ loop
     def steps(self):
@@ -198,6 +195,7 @@ class GraceTrainer:
         check_finite_weights(self.model, self.iteration)
         flags = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
         run_state = {"data": self.sampler.state_dict(), "optimizer_steps": self.optimizer.optimizer_steps,
+                     "step": self.algorithm_step.state_dict(),
                      "args": flags}
         path = save_checkpoint(save_dir, self.iteration, self.model, self.optimizer.optimizer, arch=self.arch,
                                run_state=run_state, tokenizer_dir=self.hf_dir)
@@ -237,7 +235,7 @@ class GraceTrainer:
             rollouts = self.engine.generate([RolloutRequest(prompt.input_ids, self.config.rollout.rollout_temperature,
                                                             0) for prompt in prompts], 2)
         batch = SequenceBatch.build(prompts, rollouts, pad_token_id=self.pad_token_id,
-                                    length_multiple=self._length_multiple())
+                                    length_multiple=sequence_length_multiple(self.config.parallel))
         one_pass_forward(self.model, batch, self.config.training.micro_batch_size)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..config import ObjectiveConfig
 from ..metrics import reduce_metrics, std_of_sums, throughput_metrics
+from .collapse import COLLAPSE_SIGNALS
 from .experience import Experience, SequenceBatch, logprob_mismatch_sum
 from .reward import ADVANTAGE_SHARE_TERMS, advantage_variance_sums
 from .rows import GrpoRows
@@ -16,8 +17,8 @@ from .rows import GrpoRows
 @dataclass
 class StepOutcome:
     """What one GRPO step produced on this rank: its rows, rollouts, the one-pass forward's experience, rewards and
-    advantages of the main rows (None off the last pipeline stage), the update's sums and grad norm, and the seconds
-    of each phase."""
+    advantages of the main rows and the batch's collapse signals (None off the last pipeline stage), the update's
+    sums and grad norm, and the seconds of each phase."""
 
     rows: GrpoRows
     rollouts: list
@@ -25,6 +26,7 @@ class StepOutcome:
     experience: Experience
     rewards: dict[str, torch.Tensor] | None
     advantages: torch.Tensor | None
+    collapse: dict[str, float] | None
     update: dict
     timings: dict[str, float]
 
@@ -53,6 +55,7 @@ def grpo_step_metrics(step: int, outcome: "StepOutcome", objective: ObjectiveCon
         sums["advantage_sum"] = float(advantages.sum())
         sums["advantage_sq_sum"] = float((advantages.double() ** 2).sum())
         maxima["advantage_abs_max"] = float(advantages.abs().max())
+        maxima.update(outcome.collapse)  # of the whole gathered batch: the same on every data-parallel rank
         sums.update(advantage_variance_sums(rewards, torch.tensor([r.truncated for r in main_rollouts]),
                                             rows.rollout_n, objective, mode=mode))
         sums["logprob_mismatch_sum"] = float(logprob_mismatch_sum(
@@ -82,6 +85,8 @@ def grpo_step_metrics(step: int, outcome: "StepOutcome", objective: ObjectiveCon
     }
     for term in ("pos", "neg", "clust", "cross"):
         result[f"reward_{term}_mean"] = metrics.get(f"reward_{term}_sum", float("nan")) / main_total
+    for key in COLLAPSE_SIGNALS:
+        result[key] = metrics.get(key, float("nan"))
     variance = metrics.get("advantage_var_sum", 0.0)
     for term in ADVANTAGE_SHARE_TERMS:  # NaN when no group had any spread
         result[f"advantage_share_{term}"] = (metrics.get(f"advantage_cov_{term}_sum", float("nan")) / variance

@@ -7,10 +7,11 @@
 3. forward   ONE no-grad forward over prompt ⊕ rationale: old log-probs of the rationale tokens under each row's
              sampling distribution, and pooled embeddings (``experience.py``)
 4. reward    cosine-similarity rewards over the global batch, length penalty, advantages = reward − group mean
-             (``reward.py``, ``losses.py``)
+             (``reward.py``, ``losses.py``), and the collapse signals of the batch (``collapse.py``)
 5. update    PPO clipped surrogate with dual clip, token-mean over each mini-batch, one optimizer step per mini-batch
              (``update.py``)
-6. metrics   reduced over ranks; at sampled steps the first group's rationales (``metrics.py``)
+6. metrics   reduced over ranks; at sampled steps the first group's rationales (``metrics.py``); the collapse
+             alarm (``collapse.py``)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import fault_injection
+from .collapse import CollapseAlarm, step_collapse_signals
 from ..config import ObjectiveConfig, RolloutConfig, TrainingConfig
 from .experience import SequenceBatch, one_pass_forward
 from .losses import group_advantages
@@ -48,6 +50,7 @@ class GrpoStep:
     is_last_stage: bool
     log_samples: object | None = None  # callable(records) on the logging rank at sampled steps
     tokenizer: object | None = None
+    collapse_alarm: CollapseAlarm | None = None
 
     def __call__(self, examples: list, step: int, *, with_lengths: bool, sample: bool, lr_of) -> dict:
         """Step ``step`` (1-based) on ``examples``. ``with_lengths``: metrics carry every response length;
@@ -79,7 +82,7 @@ class GrpoStep:
         # 4. rewards and advantages for this rank's main rows (last stage; other stages only need shapes).
         with self.phases("reward", step):
             truncated = torch.tensor([r.truncated for r in rollouts[rows.main]])
-            rewards = advantages = None
+            rewards = advantages = collapse = None
             if self.is_last_stage:
                 embeddings = experience.embeddings
                 rewards = compute_rewards(embeddings[rows.main], embeddings[rows.query],
@@ -87,6 +90,8 @@ class GrpoStep:
                                           mode=self.train_mode)
                 fault_injection.nonfinite("reward", step, rewards["total"])
                 advantages = group_advantages(rewards["total"], n, norm_by_std=self.objective.norm_adv_by_std)
+                collapse = step_collapse_signals(embeddings, rows, rollouts[rows.main],
+                                                 self.rollout.max_response_length, mode=self.train_mode)
 
         # 5. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
         with self.phases("update", step):
@@ -97,11 +102,21 @@ class GrpoStep:
                       if rewards_finite else {"grad_norm": float("nan")})
 
         # 6. metrics and, at sampled steps, the first group's rationales.
-        outcome = StepOutcome(rows, rollouts, batch, experience, rewards, advantages, update, timings)
+        outcome = StepOutcome(rows, rollouts, batch, experience, rewards, advantages, collapse, update, timings)
         metrics = grpo_step_metrics(step, outcome, self.objective, mode=self.train_mode,
                                     micro_batch_size=micro_batch_size, with_lengths=with_lengths, lr=lr_of())
         if sample and self.log_samples is not None:
             first_rewards = rewards["total"][rows.first_group].tolist() if rewards else [None] * n
             self.log_samples(rationale_samples(step, examples[0], rollouts[rows.first_group], first_rewards,
                                                self.tokenizer))
+        if self.collapse_alarm is not None:
+            self.collapse_alarm.update(step, metrics)
         return metrics
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the step between runs: the collapse alarm's windows."""
+        return {"collapse_alarm": self.collapse_alarm.state_dict()} if self.collapse_alarm is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.collapse_alarm is not None and "collapse_alarm" in state:
+            self.collapse_alarm.load_state_dict(state["collapse_alarm"])
