@@ -138,11 +138,12 @@ def test_quality_study_runs_the_flags_its_results_were_made_with(tmp_path):
 
 def test_demo_config_is_the_main_jobs_settings():
     """What the README's main job trains with: 8 steps of 4 prompts x 4 rollouts on the embedded model, a quarter
-    batch per optimizer step, the KL term for GRPO only."""
+    batch per optimizer step, the KL term for GRPO only, the per-rollout reward variant."""
     args = parsed(config_args(DEMO_CONFIG))
     assert (args.train_iters, args.global_batch_size, args.rollout_n, args.ppo_mini_batch_size) == (8, 4, 4, 1)
     assert (args.max_prompt_length, args.max_response_length, args.rollout_temperature) == (256, 128, 0.7)
     assert (args.lr, args.kl_coef, args.seed, args.save) == (2e-5, 0.04, 1234, "runs/grace-smollm2-supervised")
+    assert args.reward_variant == "per-rollout"  # the variant that keeps the margin rising (issue 32); papers: code
     assert args.export_hf == "runs/grace-smollm2-supervised/hf"
     assert parsed(config_args(DEMO_CONFIG, TRAIN_MODE="unsupervised")).save == "runs/grace-smollm2-unsupervised"
 

@@ -9,8 +9,13 @@
 # T 1.0 SmolLM2 rambles (half of its rationales do not end within 128 tokens; with a 48-token cap 70 % were cut and
 # penalised, and GRPO learnt little but stopping early). Four optimizer steps per step teach it to finish before the
 # cap within a few steps; a KL term to the initial policy (beta 0.04, DeepSeekMath's GRPO value) keeps the rationales
-# from shrinking to ~20 tokens on the way (results/quality_smollm2_cpu/README.md). --hf-model and --train-data default
-# to the embedded SmolLM2 and the bundled sample.
+# from shrinking to ~20 tokens on the way (results/quality_smollm2_cpu/README.md). The per-rollout reward variant: in
+# the paper's `code` variant the negative and cross-group terms are the same for every rollout of a group and cancel
+# in the advantage, and on these settings SmolLM2 learnt rationales that make every text look alike (64 steps: the
+# margin cos(q, pos) - cos(q, neg) fell from 0.007 to -0.002 while the cross-group cosine rose from 0.86 to 0.95);
+# per-rollout scores each rationale against the negative and the other groups, and the margin rose from 0.002 to
+# 0.027 in 32 steps with the cross-group cosine flat (issue 32, results/collapse_study_smollm2_cpu/). The paper
+# configs keep `code` for fidelity. --hf-model and --train-data default to the embedded SmolLM2 and the bundled sample.
 #
 # The user's flags (the arguments) are not part of GRACE_ARGS (the launcher passes them after it, and the last
 # occurrence of a flag wins); the demo defaults that depend on other flags follow their values: the KL term only for
@@ -46,6 +51,7 @@ GRACE_ARGS=(
     --max-prompt-length 256
     --max-response-length 128
     --rollout-temperature 0.7
+    --reward-variant per-rollout
     --lr 2e-5
     --seed 1234
     --save "$GRACE_SAVE_DIR"
