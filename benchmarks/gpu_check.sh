@@ -78,6 +78,9 @@ step() {
         status=1
         return
     fi
+    # The dry run's limits are three times the GPU's: on a CPU the tiny shapes still run interpreted kernels and
+    # three torchrun launches (tiny_training), and a test machine may be busy with other tests.
+    (( dry_run )) && limit=$(( limit * 3 ))
     (( limit <= left )) || limit=$left
     echo "== $name: $*" | tee -a "$log"
     timeout "$limit" "$@" >> "$log" 2>&1

@@ -195,7 +195,7 @@ def test_sbatch_launches_one_torchrun_per_node_with_rendezvous(tmp_path):
 
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
     assert value("--nnodes") == "2" and value("--nproc-per-node") == "8"
-    assert value("--rdzv-backend") == "c10d" and value("--rdzv-id") == "4242"
+    assert value("--rdzv-backend") == "c10d" and value("--rdzv-id") == "4242.0"
     assert value("--rdzv-endpoint") == f"gpu-node-00001:{20000 + 4242 % 20000}"
     train_argv = torchrun[torchrun.index("megatron_grace.train") + 1:]
     assert train_argv[:len(config_args(CONFIG_DIR / "qwen3-4b-instruct-2507.sh"))] == \

@@ -112,7 +112,9 @@ def test_sbatch_job_saves_on_usr1_requeues_itself_resumes_and_exports(workspace)
          "--mem=0", "--time=20", f"--output={root}/slurm-%j.out", "--export=ALL",
          str(REPO / "examples" / "slurm" / "pretrain_grace.sbatch")],
         cwd=REPO, capture_output=True, text=True, timeout=60,
-        env=launcher_env(CONFIG=str(config), LOG_ROOT=str(logs), NPROC_PER_NODE="2"))
+        env={key: value for key, value in launcher_env(CONFIG=str(config), LOG_ROOT=str(logs),
+                                                       NPROC_PER_NODE="2").items()
+             if key not in ("MASTER_ADDR", "MASTER_PORT")})  # an earlier in-process test's rendezvous is not the job's
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     signalled, state, deadline, pending_since = False, "", time.monotonic() + 900, None
