@@ -3,8 +3,8 @@
 # SmolLM2-135M-Instruct, the bundled WordNet sample, 4 prompts x 4 rollouts, lr 2e-5, KL 0.04, T 0.7) for 64 steps in
 # each reward variant (VARIANTS, default "code per-rollout"; "per-rollout-kl0" adds per-rollout without the KL term),
 # checkpoints every 16 steps; then each checkpoint at steps 16, 32 and 64 exported to HF and evaluated on the offline
-# local suite with rationales (--limit 32, sampling seeds 0, 1, 2), next to the base model with and without
-# rationales (step 0). Run from the repository root:
+# local suite with rationales (--limit 32, sampling seeds 0, 1, 2; the base model with and without rationales, step 0,
+# is results/quality_smollm2_cpu/'s). A rerun of the eval stage runs only what is missing. From the repository root:
 #   STAGE=train|eval|summary|all bash results/collapse_study_smollm2_cpu/run_study.sh [WORK_DIR]
 # Two lanes of one thread each keep a 2-core machine busy.
 set -euo pipefail
@@ -39,20 +39,18 @@ train() {  # train NAME PORT
         --save "$WORK/$name" --load "$WORK/$name" --export-hf "$WORK/models/$name-step$STEPS" \
         > "$WORK/$name.log" 2>&1
 }
-evaluate() {  # evaluate MODEL_DIR FLAGS...: one folder, so that summary.md holds every model side by side
-    "$PYTHON" tools/eval_mteb.py --model "$1" --tasks local --limit "$LIMIT" --output "$WORK/eval" "${@:2}" \
-        >> "$WORK/eval.log" 2>&1
+evaluate() {  # evaluate MODEL_DIR SEED: one folder, so that summary.md holds every model side by side
+    "$PYTHON" tools/eval_mteb.py --model "$1" --tasks local --limit "$LIMIT" --output "$WORK/eval" \
+        --rationale --max-new-tokens 128 --temperature 1.0 --seed "$2" >> "$WORK/eval.log" 2>&1
 }
-evaluate_lane() {  # evaluate_lane NAME: its checkpoints at EVAL_STEPS, with rationales, every seed
-    local name=$1 step model
-    for step in $EVAL_STEPS; do
-        model="$WORK/models/$name-step$step"
-        [[ -f $model/config.json ]] || "$PYTHON" tools/convert_hf.py mcore-to-hf \
-            --load "$WORK/$name/iter_$(printf %07d "$step")" --save "$model" >> "$WORK/eval.log" 2>&1
-        for seed in $SEEDS; do
-            evaluate "$model" --rationale --max-new-tokens 128 --temperature 1.0 --seed "$seed"
-        done
-    done
+evaluated() {  # evaluated MODEL_NAME SEED: its results are already in the folder (a rerun resumes the protocol)
+    compgen -G "$WORK/eval/results/megatron-grace__$1/*/experiments/*rationale_True__seed_$2__*/WordNetDefinitionSTS.json" \
+        > /dev/null
+}
+export_checkpoint() {  # export_checkpoint NAME STEP: the HF model of one saved step, once
+    local model="$WORK/models/$1-step$2"
+    [[ -f $model/config.json ]] || "$PYTHON" tools/convert_hf.py mcore-to-hf \
+        --load "$WORK/$1/iter_$(printf %07d "$2")" --save "$model" >> "$WORK/eval.log" 2>&1
 }
 
 if [[ $STAGE == train || $STAGE == all ]]; then
@@ -64,11 +62,24 @@ if [[ $STAGE == train || $STAGE == all ]]; then
     wait
 fi
 if [[ $STAGE == eval || $STAGE == all ]]; then
-    BASE=$("$PYTHON" -c "from megatron_grace.default_model import default_model_dir; print(default_model_dir())")
-    (evaluate "$BASE" --no-rationale
-     for seed in $SEEDS; do evaluate "$BASE" --rationale --max-new-tokens 128 --temperature 1.0 --seed "$seed"; done
-     evaluate_lane "${VARIANTS%% *}") &
-    for name in ${VARIANTS#* }; do evaluate_lane "$name"; done
+    # Every (lane, step, seed) not yet evaluated, seed-major so that a cut-short run has every model at seed 0 first,
+    # dealt round-robin to LANES single-thread lanes. Base without and with rationales (step 0) is not repeated here:
+    # results/quality_smollm2_cpu/ holds it on the same suite, limit and sampling settings.
+    jobs=()
+    for seed in $SEEDS; do
+        for name in $VARIANTS; do
+            for step in $EVAL_STEPS; do
+                evaluated "$name-step$step" "$seed" || jobs+=("$name $step $seed")
+            done
+        done
+    done
+    for job in "${jobs[@]}"; do read -r name step _ <<< "$job"; export_checkpoint "$name" "$step"; done
+    for ((lane = 0; lane < ${LANES:-2}; lane++)); do
+        (for ((i = lane; i < ${#jobs[@]}; i += ${LANES:-2})); do
+             read -r name step seed <<< "${jobs[i]}"
+             evaluate "$WORK/models/$name-step$step" "$seed"
+         done) &
+    done
     wait
 fi
 if [[ $STAGE == summary || $STAGE == all || $STAGE == train ]]; then
