@@ -88,15 +88,11 @@ def collapse_signals(main: torch.Tensor, query: torch.Tensor, negatives: torch.T
     return signals
 
 
-def step_collapse_signals(embeddings: torch.Tensor, rows, main_rollouts, width: int, *, mode: str) -> dict:
-    """:func:`collapse_signals` of a step from this rank's pooled ``embeddings`` (all rows) and main rollouts,
-    gathered over data-parallel ranks (O(B·H) floats and B·W tokens)."""
-    negatives = rows.negatives_view(embeddings)
-    return collapse_signals(all_gather_data_parallel(embeddings[rows.main]),
-                            all_gather_data_parallel(embeddings[rows.query]),
-                            None if negatives is None else all_gather_data_parallel(negatives),
-                            all_gather_data_parallel(response_tokens(main_rollouts, width, embeddings.device)),
-                            rows.rollout_n, mode=mode)
+def step_collapse_signals(embeddings, main_rollouts, width: int, group_size: int, *, mode: str) -> dict:
+    """:func:`collapse_signals` of a step from its :class:`~.reward.GlobalEmbeddings` and this rank's main rollouts,
+    whose tokens are gathered over data-parallel ranks (B·W integers)."""
+    tokens = all_gather_data_parallel(response_tokens(main_rollouts, width, embeddings.main.device))
+    return collapse_signals(embeddings.main, embeddings.query, embeddings.negatives, tokens, group_size, mode=mode)
 
 
 class CollapseAlarm:

@@ -7,6 +7,8 @@ the gathered rows are already group-major.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -32,28 +34,42 @@ def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def compute_rewards(main: torch.Tensor, query: torch.Tensor, negatives: torch.Tensor | None,
-                    truncated: torch.Tensor, group_size: int, objective: ObjectiveConfig, *,
-                    mode: str) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class GlobalEmbeddings:
+    """The step's pooled embeddings of the whole batch, gathered once over data-parallel ranks (rank order; groups
+    are whole on one rank, so the rows stay group-major) for the rewards and the collapse signals, and which main
+    rows are this rank's."""
+
+    main: torch.Tensor  # [G·K, H]
+    query: torch.Tensor  # [G, H]: the query rows (supervised) or anchor rows (unsupervised)
+    negatives: torch.Tensor | None  # [G, M, H]
+    local_rows: slice  # this rank's rows of ``main``
+
+    @classmethod
+    def gather(cls, embeddings: torch.Tensor, rows) -> "GlobalEmbeddings":
+        """From this rank's pooled ``embeddings`` of every row of ``rows`` (a :class:`GrpoRows`)."""
+        negatives = rows.negatives_view(embeddings)
+        offset = parallel_state.get_data_parallel_rank() * rows.num_main
+        return cls(all_gather_data_parallel(embeddings[rows.main]), all_gather_data_parallel(embeddings[rows.query]),
+                   None if negatives is None else all_gather_data_parallel(negatives),
+                   slice(offset, offset + rows.num_main))
+
+
+def compute_rewards(embeddings: GlobalEmbeddings, truncated: torch.Tensor, group_size: int,
+                    objective: ObjectiveConfig, *, mode: str) -> dict[str, torch.Tensor]:
     """Rewards of this rank's main rollouts (``mode``: ``--train-mode``; the reward flags from ``objective``).
 
-    ``main`` [G·K, H], ``query`` [G, H], ``negatives`` [G, M, H] or None, ``truncated`` [G·K] bool: this rank's rows.
-    Returns float32 [G·K] tensors: ``total`` (length penalty applied) and the raw terms pos/neg/clust/cross.
+    ``truncated`` [G·K] bool: this rank's main rows. Returns float32 [G·K] tensors: ``total`` (length penalty
+    applied) and the raw terms pos/neg/clust/cross.
     """
-    local_rows = main.shape[0]
-    global_main = all_gather_data_parallel(main)
-    global_query = all_gather_data_parallel(query)
-    global_negatives = None
-    if negatives is not None:
-        global_negatives = all_gather_data_parallel(negatives)
-        if objective.reward_variant == "code":  # exactly one negative per query; paper and per-rollout take all of them
-            global_negatives = global_negatives[:, 0]
-    terms = grace_rewards(global_main, global_query, global_negatives, group_size=group_size, mode=mode,
+    negatives = embeddings.negatives
+    if negatives is not None and objective.reward_variant == "code":
+        negatives = negatives[:, 0]  # exactly one negative per query; paper and per-rollout take all of them
+    terms = grace_rewards(embeddings.main, embeddings.query, negatives, group_size=group_size, mode=mode,
                           variant=objective.reward_variant, temperature=objective.reward_temperature,
                           clustering_weight=objective.clustering_weight,
                           cross_group_weight=objective.cross_group_weight)
-    offset = parallel_state.get_data_parallel_rank() * local_rows
-    local = {name: terms[name][offset: offset + local_rows] for name in REWARD_TERMS}
+    local = {name: terms[name][embeddings.local_rows] for name in REWARD_TERMS}
     local["total"] = apply_length_penalty(local["total"], truncated.to(local["total"].device),
                                           objective.length_penalty)
     return local

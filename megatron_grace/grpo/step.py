@@ -25,7 +25,7 @@ from ..config import ObjectiveConfig, RolloutConfig, TrainingConfig
 from .experience import SequenceBatch, one_pass_forward
 from .losses import group_advantages
 from .metrics import StepOutcome, grpo_step_metrics, rationale_samples
-from .reward import compute_rewards
+from .reward import GlobalEmbeddings, compute_rewards
 from .rows import GrpoRows
 from .update import grpo_update
 
@@ -84,14 +84,12 @@ class GrpoStep:
             truncated = torch.tensor([r.truncated for r in rollouts[rows.main]])
             rewards = advantages = collapse = None
             if self.is_last_stage:
-                embeddings = experience.embeddings
-                rewards = compute_rewards(embeddings[rows.main], embeddings[rows.query],
-                                          rows.negatives_view(embeddings), truncated, n, self.objective,
-                                          mode=self.train_mode)
+                embeddings = GlobalEmbeddings.gather(experience.embeddings, rows)  # the whole batch's, once
+                rewards = compute_rewards(embeddings, truncated, n, self.objective, mode=self.train_mode)
                 fault_injection.nonfinite("reward", step, rewards["total"])
                 advantages = group_advantages(rewards["total"], n, norm_by_std=self.objective.norm_adv_by_std)
-                collapse = step_collapse_signals(embeddings, rows, rollouts[rows.main],
-                                                 self.rollout.max_response_length, mode=self.train_mode)
+                collapse = step_collapse_signals(embeddings, rollouts[rows.main], self.rollout.max_response_length,
+                                                 n, mode=self.train_mode)
 
         # 5. PPO updates over mini-batches of whole groups (none if a reward is NaN/Inf on any rank).
         with self.phases("update", step):
