@@ -46,7 +46,7 @@ class GlobalEmbeddings:
     local_rows: slice  # this rank's rows of ``main``
 
     @classmethod
-    def gather(cls, embeddings: torch.Tensor, rows) -> "GlobalEmbeddings":
+    def gather(cls, embeddings: torch.Tensor, rows) -> GlobalEmbeddings:
         """From this rank's pooled ``embeddings`` of every row of ``rows`` (a :class:`GrpoRows`)."""
         negatives = rows.negatives_view(embeddings)
         offset = parallel_state.get_data_parallel_rank() * rows.num_main
