@@ -65,6 +65,25 @@ def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Pa
     return out_dir
 
 
+def tiny_grpo_run(root: Path, tokenizer_dir: str | Path, train_data: Path, *, ppo_mini_batch_size: int = 2,
+                  max_response_length: int = 10) -> tuple[Path, list[str]]:
+    """The tiny Qwen3 (in ``root/tiny``; EOS likely enough that rationales end at varied lengths) and the training
+    flags of a GRPO run on ``train_data`` that launch tests share: 4 prompts × 4 rollouts in one micro-batch, no
+    sample logging. Returns the model folder and the flags; each test adds its own steps, save and load flags."""
+    model = save_tiny_hf_model("qwen3", root / "tiny", tokenizer_dir, eos_logit_scale=70.0)
+    flags = ["--hf-model", str(model), "--train-data", str(train_data), "--global-batch-size", "4",
+             "--ppo-mini-batch-size", str(ppo_mini_batch_size), "--rollout-n", "4", "--micro-batch-size", "4",
+             "--max-response-length", str(max_response_length), "--max-prompt-length", "128", "--lr", "2e-5",
+             "--sample-interval", "0"]
+    return model, flags
+
+
+def first_rows(source: Path, count: int, path: Path) -> Path:
+    """``path`` holding the first ``count`` lines of the JSONL file ``source``."""
+    path.write_text("".join(source.read_text().splitlines(True)[:count]))
+    return path
+
+
 # Per-step metrics that measure the machine, not the run: runs are compared without them.
 VOLATILE_METRICS = ("seconds_per_step", "peak_memory_gb")
 

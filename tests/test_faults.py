@@ -29,7 +29,8 @@ import pytest
 from megatron_grace.utils import free_port
 from megatron_grace.checkpointing import CheckpointError, iteration_dir, resolve_checkpoint
 from megatron_grace.guards import NonFiniteError, NonFiniteGuard, SaveLocationError, check_save_location
-from megatron_grace.testing import LAYOUT_DEPENDENT_METRICS, run_torchrun, save_tiny_hf_model, stable_metrics
+from megatron_grace.testing import (LAYOUT_DEPENDENT_METRICS, run_torchrun, save_tiny_hf_model, stable_metrics,
+                                    tiny_grpo_run)
 
 WORKER = Path(__file__).parent / "distributed" / "fault_worker.py"
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "train_supervised.jsonl"
@@ -73,11 +74,7 @@ class Launch:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_tokenizer_dir) -> Workspace:
     root = tmp_path_factory.mktemp("faults")
-    model = save_tiny_hf_model("qwen3", root / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0)
-    flags = ["--hf-model", str(model), "--train-data", str(training_file(root / "train.jsonl")),
-             "--global-batch-size", "4", "--ppo-mini-batch-size", "2", "--rollout-n", "4", "--micro-batch-size",
-             "4", "--max-response-length", "10", "--max-prompt-length", "128", "--lr", "2e-5",
-             "--sample-interval", "0"]
+    model, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, training_file(root / "train.jsonl"))
     return Workspace(root, model, flags)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grace.utils import free_port
-from megatron_grace.testing import save_tiny_hf_model, stable_metrics
+from megatron_grace.testing import first_rows, stable_metrics, tiny_grpo_run
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "train_supervised.jsonl"
@@ -28,12 +28,9 @@ DATA = REPO / "examples" / "data" / "train_supervised.jsonl"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("launchers")
-    model = save_tiny_hf_model("qwen3", root / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0)
-    data = root / "train.jsonl"
-    data.write_text("".join(DATA.read_text().splitlines(True)[:32]))
-    flags = ["--hf-model", str(model), "--train-data", str(data), "--global-batch-size", "4",
-             "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "4", "--max-response-length",
-             "8", "--max-prompt-length", "128", "--lr", "2e-5", "--sample-interval", "0", "--save-interval", "1"]
+    _, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, first_rows(DATA, 32, root / "train.jsonl"),
+                             ppo_mini_batch_size=4, max_response_length=8)
+    flags += ["--save-interval", "1"]
     return root, flags
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from megatron_grace.checkpointing import resolve_checkpoint, verify_manifest
 from megatron_grace.planned_exit import REQUEST_FILE, STATUS_FILE
-from megatron_grace.testing import save_tiny_hf_model, stable_metrics
+from megatron_grace.testing import first_rows, stable_metrics, tiny_grpo_run
 from megatron_grace.utils import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "train_supervised.jsonl"
@@ -61,13 +61,8 @@ class RunDir:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("planned_exit")
-    model = save_tiny_hf_model("qwen3", root / "tiny", smollm2_tokenizer_dir, eos_logit_scale=70.0)
-    data = root / "train.jsonl"
-    data.write_text("".join(DATA.read_text().splitlines(True)[:24]))
-    flags = ["--hf-model", str(model), "--train-data", str(data), "--global-batch-size", "4",
-             "--ppo-mini-batch-size", "2", "--rollout-n", "4", "--micro-batch-size", "4", "--max-response-length",
-             "10", "--max-prompt-length", "128", "--lr", "2e-5", "--sample-interval", "0", "--no-report",
-             "--train-iters", str(TRAIN_ITERS), "--save-interval", "100"]
+    _, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, first_rows(DATA, 24, root / "train.jsonl"))
+    flags += ["--no-report", "--train-iters", str(TRAIN_ITERS), "--save-interval", "100"]
     return root, flags
 
 
