@@ -97,4 +97,5 @@ fi
 if [[ -d $WORK/eval/results && ( $STAGE == summary || $STAGE == all || $STAGE == eval ) ]]; then
     mkdir -p "$OUT/eval"
     cp -r "$WORK/eval/results" "$WORK/eval/summary.md" "$WORK/eval/summary.json" "$OUT/eval/"
+    "$PYTHON" "$OUT/eval_table.py" "$WORK/eval" results/quality_smollm2_cpu/eval "$OUT/eval.png" > "$OUT/eval_table.md"
 fi
