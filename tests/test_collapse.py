@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from megatron_grace.config import CheckpointConfig
-from megatron_grace.grpo.collapse import (NEAR_IDENTICAL_COSINE, SPREAD_RISE, CollapseAlarm, collapse_signals,
-                                          effective_rank, response_tokens)
+from megatron_grace.grpo.collapse import (NEAR_IDENTICAL_COSINE, SPREAD_RISE, CollapseAlarm, collapse_remedies,
+                                          collapse_signals, effective_rank, response_tokens)
 from megatron_grace.grpo.losses import group_advantages
 from megatron_grace.kernels.grace_rewards import grace_rewards_reference
 from megatron_grace.planned_exit import ExitReason, PlannedExit
 from megatron_grace.rollout import Rollout
+
+REMEDIES = collapse_remedies("code", 0.04, 2e-5)
 
 
 def cosine(a, b) -> float:
@@ -97,25 +99,34 @@ def drifting_batch(step: int, collapse: bool, generator) -> dict:
 def test_alarm_trips_on_collapsing_embeddings_only(collapse):
     generator = torch.Generator().manual_seed(1)
     stops, lines = [], []
-    alarm = CollapseAlarm(8, stop=lambda: stops.append(True), log=lines.append)
+    alarm = CollapseAlarm(8, remedies=REMEDIES, stop=lambda: stops.append(True), log=lines.append)
     tripped = [step for step in range(1, 41) if alarm.update(step, drifting_batch(step, collapse, generator))]
     if collapse:
         assert tripped and tripped[0] <= 24 and stops, tripped
-        assert "WARNING: rationale collapse at step" in lines[0] and "--reward-variant per-rollout" in lines[0]
+        assert "WARNING: rationale collapse at step" in lines[0] and lines[0].endswith(
+            f"look alike. {REMEDIES}; stopping (--stop-on-collapse)")
         assert len(lines) <= len(tripped) // 8 + 1  # warned again only every window
     else:
         assert not tripped and not stops and not lines
 
 
+def test_remedies_never_suggest_what_the_run_already_uses():
+    assert collapse_remedies("code", 0.04, 2e-5) == (
+        "Try --reward-variant per-rollout (its negative and cross-group terms score each rationale), "
+        "a larger --kl-coef than 0.04 or a lower --lr than 2e-05")
+    assert collapse_remedies("per-rollout", 0.0, 1e-6) == (
+        "Try --kl-coef 0.04 (a KL term to the initial policy) or a lower --lr than 1e-06")
+
+
 def test_alarm_rule_and_state_round_trip():
-    alarm = CollapseAlarm(2)
+    alarm = CollapseAlarm(2, remedies=REMEDIES)
     for step, point in enumerate([(0.02, 0.80), (0.02, 0.80), (0.01, 0.80 + SPREAD_RISE / 2)], start=1):
         assert not alarm.update(step, {"margin_mean": point[0], "embedding_spread": point[1]})
-    restored = CollapseAlarm(2, log=lambda line: None)
+    restored = CollapseAlarm(2, remedies=REMEDIES, log=lambda line: None)
     restored.load_state_dict(alarm.state_dict())
     # margin fell, spread rose by the full SPREAD_RISE: trips (a rising spread alone, or a falling margin alone, not)
     assert restored.update(4, {"margin_mean": 0.01, "embedding_spread": 0.80 + 1.5 * SPREAD_RISE})
-    alone = CollapseAlarm(1, log=lambda line: None)
+    alone = CollapseAlarm(1, remedies=REMEDIES, log=lambda line: None)
     alone.update(1, {"margin_mean": 0.02, "embedding_spread": 0.8})
     assert not alone.update(2, {"margin_mean": 0.03, "embedding_spread": 0.9})
     assert not alone.update(3, {"margin_mean": 0.00, "embedding_spread": 0.8})
@@ -123,7 +134,7 @@ def test_alarm_rule_and_state_round_trip():
 
 def test_stop_on_collapse_is_a_planned_exit(tmp_path):
     planned = PlannedExit(CheckpointConfig(save=str(tmp_path), stop_on_collapse=True), started=0.0, first_iteration=0)
-    alarm = CollapseAlarm(1, stop=planned.request_on_collapse, log=lambda line: None)
+    alarm = CollapseAlarm(1, remedies=REMEDIES, stop=planned.request_on_collapse, log=lambda line: None)
     alarm.update(1, {"margin_mean": 0.05, "embedding_spread": 0.5})
     assert planned._local_request(1) is ExitReason.NONE
     alarm.update(2, {"margin_mean": 0.0, "embedding_spread": 0.9})

@@ -95,14 +95,27 @@ def step_collapse_signals(embeddings, main_rollouts, width: int, group_size: int
     return collapse_signals(embeddings.main, embeddings.query, embeddings.negatives, tokens, group_size, mode=mode)
 
 
+def collapse_remedies(reward_variant: str, kl_coef: float, lr: float) -> str:
+    """What the warning suggests, from the run's own settings: never the variant or KL weight it already uses (the
+    collapse study's per-rollout run without a KL term collapsed for a while; with KL 0.04 it did not)."""
+    remedies = []
+    if reward_variant != "per-rollout":
+        remedies.append("--reward-variant per-rollout (its negative and cross-group terms score each rationale)")
+    remedies.append("--kl-coef 0.04 (a KL term to the initial policy)" if kl_coef == 0
+                    else f"a larger --kl-coef than {kl_coef:g}")
+    remedies.append(f"a lower --lr than {lr:g}")
+    return "Try " + ", ".join(remedies[:-1]) + " or " + remedies[-1]
+
+
 class CollapseAlarm:
     """Trips when, over the last ``window`` steps, the mean margin has fallen below the run's first ``window`` steps'
     and the mean cross-group cosine (``embedding_spread``) has risen by ``SPREAD_RISE`` or more: different texts
     becoming alike while the margin that separates positives from negatives shrinks. Warns (again every ``window``
-    steps while tripped) and, with ``--stop-on-collapse``, calls ``stop``."""
+    steps while tripped, with ``remedies``: :func:`collapse_remedies`) and, with ``--stop-on-collapse``, calls
+    ``stop``."""
 
-    def __init__(self, window: int, *, stop=None, log=print):
-        self.window, self.stop, self.log = window, stop, log
+    def __init__(self, window: int, *, remedies: str, stop=None, log=print):
+        self.window, self.remedies, self.stop, self.log = window, remedies, stop, log
         self.baseline: list[tuple[float, float]] = []
         self.recent: deque[tuple[float, float]] = deque(maxlen=window)
         self.warned_at: int | None = None
@@ -124,8 +137,7 @@ class CollapseAlarm:
             self.log(f"WARNING: rationale collapse at step {step}: over the last {self.window} steps the margin "
                      f"cos(q, pos) - cos(q, neg) is {margin:.4f} (first {self.window} steps: {base_margin:.4f}) and "
                      f"texts of different groups have cosine {spread:.3f} (was {base_spread:.3f}): the rationales "
-                     f"make every text look alike. Try --reward-variant per-rollout (its negative and cross-group "
-                     f"terms score each rationale), --kl-coef 0.04 or a lower --lr"
+                     f"make every text look alike. {self.remedies}"
                      f"{'; stopping (--stop-on-collapse)' if self.stop else '; --stop-on-collapse stops the run'}")
         if self.stop is not None:
             self.stop()
