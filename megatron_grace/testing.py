@@ -65,8 +65,8 @@ def save_tiny_hf_model(family: str, out_dir: str | Path, tokenizer_dir: str | Pa
     return out_dir
 
 
-def tiny_grpo_run(root: Path, tokenizer_dir: str | Path, train_data: Path, *, ppo_mini_batch_size: int = 2,
-                  max_response_length: int = 10) -> tuple[Path, list[str]]:
+def tiny_grpo_run(root: Path, tokenizer_dir: str | Path, train_data: Path, *, ppo_mini_batch_size: int,
+                  max_response_length: int) -> tuple[Path, list[str]]:
     """The tiny Qwen3 (in ``root/tiny``; EOS likely enough that rationales end at varied lengths) and the training
     flags of a GRPO run on ``train_data`` that launch tests share: 4 prompts × 4 rollouts in one micro-batch, no
     sample logging. Returns the model folder and the flags; each test adds its own steps, save and load flags."""

@@ -74,7 +74,8 @@ class Launch:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_tokenizer_dir) -> Workspace:
     root = tmp_path_factory.mktemp("faults")
-    model, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, training_file(root / "train.jsonl"))
+    model, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, training_file(root / "train.jsonl"),
+                                 ppo_mini_batch_size=2, max_response_length=10)
     return Workspace(root, model, flags)
 
 

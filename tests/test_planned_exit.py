@@ -61,7 +61,8 @@ class RunDir:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smollm2_tokenizer_dir):
     root = tmp_path_factory.mktemp("planned_exit")
-    _, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, first_rows(DATA, 24, root / "train.jsonl"))
+    _, flags = tiny_grpo_run(root, smollm2_tokenizer_dir, first_rows(DATA, 24, root / "train.jsonl"),
+                             ppo_mini_batch_size=2, max_response_length=10)
     flags += ["--no-report", "--train-iters", str(TRAIN_ITERS), "--save-interval", "100"]
     return root, flags
 
