@@ -18,7 +18,7 @@ PANELS: list[tuple[str, list[str]]] = [
     ("reward (total)", ["reward_mean"]),
     ("reward terms", ["reward_pos_mean", "reward_neg_mean", "reward_clust_mean", "reward_cross_mean"]),
     ("positive similarity cos(query, rollout)", ["reward_pos_mean"]),
-    ("collapse: margin cos(q, pos) - cos(q, neg)", ["margin_mean"]),
+    ("collapse: margin (own text against negatives or other texts)", ["margin_mean"]),
     ("collapse: cosine of different texts", ["embedding_spread"]),
     ("collapse: rationale diversity", ["distinct_2", "near_identical_share"]),
     ("response length (tokens)", ["response_length_mean", "response_length_max"]),

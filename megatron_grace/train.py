@@ -26,7 +26,7 @@ from .contrastive import NO_RATIONALE, ContrastiveStep
 from .data.dataset import load_grace_dataset
 from .data.sampler import GroupSampler
 from .grpo import GrpoStep
-from .grpo.collapse import CollapseAlarm, collapse_remedies
+from .grpo.collapse import CollapseAlarm, collapse_remedies, margin_description
 from .grpo.experience import SequenceBatch, one_pass_forward
 from .guards import (NonFiniteGuard, StallWatchdog, StepPhases, check_finite_weights, check_save_location,
                      checkpoint_size_estimate)
@@ -109,7 +109,8 @@ class GraceTrainer:
                                     pad_token_id=self.pad_token_id)
         stop = self.planned_exit.request_on_collapse if config.checkpoint.stop_on_collapse else None
         remedies = collapse_remedies(config.objective.reward_variant, config.objective.kl_coef, config.optim.lr)
-        alarm = CollapseAlarm(config.logging.collapse_window, remedies=remedies, stop=stop, log=log0)
+        margin = margin_description(config.data.train_mode, self.dataset.num_negatives)
+        alarm = CollapseAlarm(config.logging.collapse_window, margin=margin, remedies=remedies, stop=stop, log=log0)
         return GrpoStep(reference=self.reference, engine=self.engine, nonfinite=self.nonfinite, rollout=rollout,
                         train_mode=config.data.train_mode, num_negatives=self.dataset.num_negatives,
                         log_samples=self.logger.samples if self.logger.is_logging_rank else None,

@@ -9,13 +9,14 @@ import torch
 
 from megatron_grace.config import CheckpointConfig
 from megatron_grace.grpo.collapse import (NEAR_IDENTICAL_COSINE, SPREAD_RISE, CollapseAlarm, collapse_remedies,
-                                          collapse_signals, effective_rank, response_tokens)
+                                          collapse_signals, effective_rank, margin_description, response_tokens)
 from megatron_grace.grpo.losses import group_advantages
 from megatron_grace.kernels.grace_rewards import grace_rewards_reference
 from megatron_grace.planned_exit import ExitReason, PlannedExit
 from megatron_grace.rollout import Rollout
 
 REMEDIES = collapse_remedies("code", 0.04, 2e-5)
+MARGIN = margin_description("supervised", 1)
 
 
 def cosine(a, b) -> float:
@@ -99,12 +100,13 @@ def drifting_batch(step: int, collapse: bool, generator) -> dict:
 def test_alarm_trips_on_collapsing_embeddings_only(collapse):
     generator = torch.Generator().manual_seed(1)
     stops, lines = [], []
-    alarm = CollapseAlarm(8, remedies=REMEDIES, stop=lambda: stops.append(True), log=lines.append)
+    alarm = CollapseAlarm(8, margin=MARGIN, remedies=REMEDIES, stop=lambda: stops.append(True), log=lines.append)
     tripped = [step for step in range(1, 41) if alarm.update(step, drifting_batch(step, collapse, generator))]
     if collapse:
         assert tripped and tripped[0] <= 24 and stops, tripped
-        assert "WARNING: rationale collapse at step" in lines[0] and lines[0].endswith(
+        assert lines[0].startswith("WARNING: rationale collapse at step") and lines[0].endswith(
             f"look alike. {REMEDIES}; stopping (--stop-on-collapse)")
+        assert "the margin cos(query, positive) - cos(query, negative) is" in lines[0]
         assert len(lines) <= len(tripped) // 8 + 1  # warned again only every window
     else:
         assert not tripped and not stops and not lines
@@ -118,15 +120,23 @@ def test_remedies_never_suggest_what_the_run_already_uses():
         "Try --kl-coef 0.04 (a KL term to the initial policy) or a lower --lr than 1e-06")
 
 
+def test_margin_is_named_for_what_it_compares():
+    """Without negatives (unsupervised mode, or supervised rows without one) the margin is the anchor's similarity to
+    its own group against the other groups' texts (collapse_signals), and the warning must not call it q, pos, neg."""
+    assert margin_description("supervised", 1) == "cos(query, positive) - cos(query, negative)"
+    for mode, num_negatives in (("unsupervised", 0), ("supervised", 0)):
+        assert margin_description(mode, num_negatives) == "cos(anchor, own rollouts) - cos(anchor, other groups' texts)"
+
+
 def test_alarm_rule_and_state_round_trip():
-    alarm = CollapseAlarm(2, remedies=REMEDIES)
+    alarm = CollapseAlarm(2, margin=MARGIN, remedies=REMEDIES)
     for step, point in enumerate([(0.02, 0.80), (0.02, 0.80), (0.01, 0.80 + SPREAD_RISE / 2)], start=1):
         assert not alarm.update(step, {"margin_mean": point[0], "embedding_spread": point[1]})
-    restored = CollapseAlarm(2, remedies=REMEDIES, log=lambda line: None)
+    restored = CollapseAlarm(2, margin=MARGIN, remedies=REMEDIES, log=lambda line: None)
     restored.load_state_dict(alarm.state_dict())
     # margin fell, spread rose by the full SPREAD_RISE: trips (a rising spread alone, or a falling margin alone, not)
     assert restored.update(4, {"margin_mean": 0.01, "embedding_spread": 0.80 + 1.5 * SPREAD_RISE})
-    alone = CollapseAlarm(1, remedies=REMEDIES, log=lambda line: None)
+    alone = CollapseAlarm(1, margin=MARGIN, remedies=REMEDIES, log=lambda line: None)
     alone.update(1, {"margin_mean": 0.02, "embedding_spread": 0.8})
     assert not alone.update(2, {"margin_mean": 0.03, "embedding_spread": 0.9})
     assert not alone.update(3, {"margin_mean": 0.00, "embedding_spread": 0.8})
@@ -134,7 +144,7 @@ def test_alarm_rule_and_state_round_trip():
 
 def test_stop_on_collapse_is_a_planned_exit(tmp_path):
     planned = PlannedExit(CheckpointConfig(save=str(tmp_path), stop_on_collapse=True), started=0.0, first_iteration=0)
-    alarm = CollapseAlarm(1, remedies=REMEDIES, stop=planned.request_on_collapse, log=lambda line: None)
+    alarm = CollapseAlarm(1, margin=MARGIN, remedies=REMEDIES, stop=planned.request_on_collapse, log=lambda line: None)
     alarm.update(1, {"margin_mean": 0.05, "embedding_spread": 0.5})
     assert planned._local_request(1) is ExitReason.NONE
     alarm.update(2, {"margin_mean": 0.0, "embedding_spread": 0.9})

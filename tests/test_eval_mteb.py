@@ -13,8 +13,8 @@ import pytest
 from megatron_grace.eval import local_suite
 from megatron_grace.cli import eval_mteb
 from megatron_grace.eval.encoder import model_fingerprint
-from megatron_grace.eval.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task, over_seeds,
-                                           local_tasks)
+from megatron_grace.eval.mteb_eval import (LOCAL_TASK_NAMES, PAPER_16, PAPER_56, GraceMtebModel, limit_task,
+                                           local_tasks, mean_std_cell, over_seeds, runs_of)
 
 
 # One task of each kind, small enough for the tiny model to run in seconds.
@@ -92,6 +92,14 @@ def test_mteb_run_of_a_tiny_model_writes_results_and_summary(tiny_llama_dir, sui
     means = [run["dataset_weighted_mean"] for run in seeds]
     assert spread["seeds"] == 2
     assert spread["dataset_weighted_mean"] == pytest.approx((np.mean(means), np.std(means)))
+    # The results tables' selection and cells: a model folder's rationale runs are the two seeds, its base run apart.
+    folder = next(iter(summary)).split("@")[0]
+    assert runs_of(summary, folder, rationale=True) == seeds
+    assert runs_of(summary, folder, rationale=False) == [summary[l] for l in summary if "(base)" in l]
+    assert runs_of(summary, "another-model", rationale=True) == []
+    mean = (means[0] + means[1]) / 2
+    assert mean_std_cell(means) == f"{mean:.2f} ± {abs(means[0] - means[1]) / 2:.2f}"
+    assert mean_std_cell(means[:1]) == f"{means[0]:.2f}" and mean_std_cell([]) == "–"
     markdown = (output / "summary.md").read_text()
     assert "Over sampling seeds" in markdown
     assert "dataset-weighted mean" in markdown and "category mean" in markdown

@@ -419,6 +419,21 @@ def over_seeds(summary: dict) -> dict:
     return spread
 
 
+def runs_of(summary: dict, model_folder: str, rationale: bool) -> list[dict]:
+    """Every sampling seed's run of one model folder, embedded with rationales or without (the "(base)" runs)."""
+    return [run for label, run in summary.items()
+            if label.split("@")[0] == model_folder and ("(base)" not in label) == rationale]
+
+
+def mean_std_cell(values: list[float]) -> str:
+    """A table cell: "–" for no run, the score for one, mean ± std (population, over seeds) for more."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
 def summary_markdown(summary: dict, header_lines: list[str] = ()) -> str:
     labels = list(summary)
     task_types = {name: t["type"] for s in summary.values() for name, t in s["tasks"].items()}

@@ -6,8 +6,9 @@ rewards a higher cos(query, positive) however it is reached (``results/quality_s
 positive and negative similarities and the cross-group cosine all rose to 0.94-0.95 and the rationales stopped being
 about the text). The signals, from what the step already has (pooled embeddings, rationale tokens), on the device:
 
-* ``margin_mean``: cos(query, positive) - cos(query, negative) per main rollout (the mean over negatives), in
-  unsupervised mode the anchor against the other groups' texts; falls when texts become indistinguishable;
+* ``margin_mean``: cos(query, positive) - cos(query, negative) per main rollout (the mean over negatives); in
+  unsupervised mode, or without negatives, the anchor against the other groups' texts (:func:`margin_description`);
+  falls when texts become indistinguishable;
 * ``embedding_spread``: mean cosine between pooled main embeddings of different groups (different texts); rises;
 * ``embedding_effective_rank``: exp of the entropy of the batch's normalised singular values (Roy & Vetterli);
 * ``distinct_2``: distinct token bigrams over all bigrams of the step's main rationales;
@@ -95,6 +96,13 @@ def step_collapse_signals(embeddings, main_rollouts, width: int, group_size: int
     return collapse_signals(embeddings.main, embeddings.query, embeddings.negatives, tokens, group_size, mode=mode)
 
 
+def margin_description(mode: str, num_negatives: int) -> str:
+    """What ``margin_mean`` compares in a run of this ``--train-mode`` and data (see :func:`collapse_signals`)."""
+    if mode == "supervised" and num_negatives > 0:
+        return "cos(query, positive) - cos(query, negative)"
+    return "cos(anchor, own rollouts) - cos(anchor, other groups' texts)"
+
+
 def collapse_remedies(reward_variant: str, kl_coef: float, lr: float) -> str:
     """What the warning suggests, from the run's own settings: never the variant or KL weight it already uses (the
     collapse study's per-rollout run without a KL term collapsed for a while; with KL 0.04 it did not)."""
@@ -111,11 +119,11 @@ class CollapseAlarm:
     """Trips when, over the last ``window`` steps, the mean margin has fallen below the run's first ``window`` steps'
     and the mean cross-group cosine (``embedding_spread``) has risen by ``SPREAD_RISE`` or more: different texts
     becoming alike while the margin that separates positives from negatives shrinks. Warns (again every ``window``
-    steps while tripped, with ``remedies``: :func:`collapse_remedies`) and, with ``--stop-on-collapse``, calls
-    ``stop``."""
+    steps while tripped, naming the ``margin`` (:func:`margin_description`) and the ``remedies``
+    (:func:`collapse_remedies`)) and, with ``--stop-on-collapse``, calls ``stop``."""
 
-    def __init__(self, window: int, *, remedies: str, stop=None, log=print):
-        self.window, self.remedies, self.stop, self.log = window, remedies, stop, log
+    def __init__(self, window: int, *, margin: str, remedies: str, stop=None, log=print):
+        self.window, self.margin, self.remedies, self.stop, self.log = window, margin, remedies, stop, log
         self.baseline: list[tuple[float, float]] = []
         self.recent: deque[tuple[float, float]] = deque(maxlen=window)
         self.warned_at: int | None = None
@@ -135,7 +143,7 @@ class CollapseAlarm:
         if self.warned_at is None or step - self.warned_at >= self.window:
             self.warned_at = step
             self.log(f"WARNING: rationale collapse at step {step}: over the last {self.window} steps the margin "
-                     f"cos(q, pos) - cos(q, neg) is {margin:.4f} (first {self.window} steps: {base_margin:.4f}) and "
+                     f"{self.margin} is {margin:.4f} (first {self.window} steps: {base_margin:.4f}) and "
                      f"texts of different groups have cosine {spread:.3f} (was {base_spread:.3f}): the rationales "
                      f"make every text look alike. {self.remedies}"
                      f"{'; stopping (--stop-on-collapse)' if self.stop else '; --stop-on-collapse stops the run'}")

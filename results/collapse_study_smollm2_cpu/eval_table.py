@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megatron_grace.eval.mteb_eval import LOCAL_TASK_NAMES, collect_results, local_tasks, summarise  # noqa: E402
+from megatron_grace.eval.mteb_eval import (LOCAL_TASK_NAMES, collect_results, local_tasks, mean_std_cell,  # noqa: E402
+                                          runs_of, summarise)
 
 LANES = ("code", "per-rollout", "per-rollout-kl0")
 STEPS = (16, 32, 64)
@@ -21,15 +22,7 @@ BASE = "smollm2-135m-instruct"
 
 def complete_runs(summary: dict, folder: str, rationale: bool) -> list[dict]:
     """The runs of one model folder (every seed) that finished every task."""
-    return [run for label, run in summary.items()
-            if label.split("@")[0] == folder and ("(base)" not in label) == rationale
-            and len(run["tasks"]) == len(LOCAL_TASK_NAMES)]
-
-
-def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{values[0]:.2f}" if len(values) == 1 else f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+    return [run for run in runs_of(summary, folder, rationale) if len(run["tasks"]) == len(LOCAL_TASK_NAMES)]
 
 
 def main(study_dir: str, reference_dir: str, plot_path: str) -> None:
@@ -45,9 +38,9 @@ def main(study_dir: str, reference_dir: str, plot_path: str) -> None:
     print("|---|---:|" + "---:|" * (len(tasks) + 1))
     for title, runs in rows:
         if runs:
-            scores = [cell([run["tasks"][name]["score"] for run in runs]) for name in tasks]
+            scores = [mean_std_cell([run["tasks"][name]["score"] for run in runs]) for name in tasks]
             print(f"| {title} | {len(runs)} | " + " | ".join(scores)
-                  + f" | **{cell([run['dataset_weighted_mean'] for run in runs])}** |")
+                  + f" | **{mean_std_cell([run['dataset_weighted_mean'] for run in runs])}** |")
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
     base_means = [run["dataset_weighted_mean"] for run in rows[0][1]]

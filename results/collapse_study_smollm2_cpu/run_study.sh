@@ -43,9 +43,13 @@ evaluate() {  # evaluate MODEL_DIR SEED: one folder, so that summary.md holds ev
     "$PYTHON" tools/eval_mteb.py --model "$1" --tasks local --limit "$LIMIT" --output "$WORK/eval" \
         --rationale --max-new-tokens 128 --temperature 1.0 --seed "$2" >> "$WORK/eval.log" 2>&1
 }
-evaluated() {  # evaluated MODEL_NAME SEED: its results are already in the folder (a rerun resumes the protocol)
-    compgen -G "$WORK/eval/results/megatron-grace__$1/*/experiments/*rationale_True__seed_$2__*/WordNetDefinitionSTS.json" \
-        > /dev/null
+LOCAL_TASKS=$("$PYTHON" -c "from megatron_grace.eval.mteb_eval import LOCAL_TASK_NAMES; print(*LOCAL_TASK_NAMES)")
+evaluated() {  # evaluated MODEL_NAME SEED: every local task's result is in the folder (a rerun resumes the protocol)
+    local task
+    for task in $LOCAL_TASKS; do
+        compgen -G "$WORK/eval/results/megatron-grace__$1/*/experiments/*rationale_True__seed_$2__*/$task.json" \
+            > /dev/null || return 1
+    done
 }
 export_checkpoint() {  # export_checkpoint NAME STEP: the HF model of one saved step, once
     local model="$WORK/models/$1-step$2"
