@@ -6,10 +6,13 @@
 # local suite with rationales (--limit 32, sampling seeds 0, 1, 2; the base model with and without rationales, step 0,
 # is results/quality_smollm2_cpu/'s). A rerun of the eval stage runs only what is missing. From the repository root:
 #   STAGE=train|eval|summary|all bash results/collapse_study_smollm2_cpu/run_study.sh [WORK_DIR]
-# Two lanes of one thread each keep a 2-core machine busy.
+# Two lanes of one thread each keep a 2-core machine busy. TRAIN_SEED=N trains with --seed N instead of the demo's
+# (other prompts in another order, other sampling noise) and keeps its results apart, in train_seed_N/.
 set -euo pipefail
 WORK=${1:-runs/collapse_study_smollm2_cpu}
-OUT=results/collapse_study_smollm2_cpu
+STUDY=results/collapse_study_smollm2_cpu
+TRAIN_SEED=${TRAIN_SEED:-}
+OUT=$STUDY${TRAIN_SEED:+/train_seed_$TRAIN_SEED}
 STAGE=${STAGE:-all}
 VARIANTS=${VARIANTS:-code per-rollout}
 STEPS=${STEPS:-64}
@@ -35,7 +38,8 @@ train() {  # train NAME PORT
     read -r -a flags <<< "$(variant_flags "$name")"
     /usr/bin/time -f "$name: %e s wall, %U s user" -a -o "$WORK/wall_times.txt" \
         "$PYTHON" -m torch.distributed.run --nproc-per-node 1 --master-port "$port" -m megatron_grace.train \
-        "${GRACE_ARGS[@]}" --train-iters "$STEPS" --save-interval 16 --sample-interval 8 "${flags[@]}" \
+        "${GRACE_ARGS[@]}" ${TRAIN_SEED:+--seed "$TRAIN_SEED"} --train-iters "$STEPS" --save-interval 16 \
+        --sample-interval 8 "${flags[@]}" \
         --save "$WORK/$name" --load "$WORK/$name" --export-hf "$WORK/models/$name-step$STEPS" \
         > "$WORK/$name.log" 2>&1
 }
@@ -96,10 +100,10 @@ if [[ $STAGE == summary || $STAGE == all || $STAGE == train ]]; then
     cp "$WORK/wall_times.txt" "$OUT/training_wall_times.txt"
     "$PYTHON" tools/plot_metrics.py "${runs[@]}" "${labels[@]}" --smooth 4 --output "$OUT/training.png" \
         --summary-json "$OUT/training_summary.json"
-    "$PYTHON" "$OUT/windows.py" "$OUT" $VARIANTS > "$OUT/windows.md"
+    "$PYTHON" "$STUDY/windows.py" "$OUT" $VARIANTS > "$OUT/windows.md"
 fi
 if [[ -d $WORK/eval/results && ( $STAGE == summary || $STAGE == all || $STAGE == eval ) ]]; then
     mkdir -p "$OUT/eval"
     cp -r "$WORK/eval/results" "$WORK/eval/summary.md" "$WORK/eval/summary.json" "$OUT/eval/"
-    "$PYTHON" "$OUT/eval_table.py" "$WORK/eval" results/quality_smollm2_cpu/eval "$OUT/eval.png" > "$OUT/eval_table.md"
+    "$PYTHON" "$STUDY/eval_table.py" "$WORK/eval" results/quality_smollm2_cpu/eval "$OUT/eval.png" > "$OUT/eval_table.md"
 fi
