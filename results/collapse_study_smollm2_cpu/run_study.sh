@@ -47,8 +47,7 @@ evaluate() {  # evaluate MODEL_DIR SEED: one folder, so that summary.md holds ev
     "$PYTHON" tools/eval_mteb.py --model "$1" --tasks local --limit "$LIMIT" --output "$WORK/eval" \
         --rationale --max-new-tokens 128 --temperature 1.0 --seed "$2" >> "$WORK/eval.log" 2>&1
 }
-LOCAL_TASKS=$("$PYTHON" -c "from megatron_grace.eval.mteb_eval import LOCAL_TASK_NAMES; print(*LOCAL_TASK_NAMES)")
-evaluated() {  # evaluated MODEL_NAME SEED: every local task's result is in the folder (a rerun resumes the protocol)
+evaluated() {  # evaluated MODEL_NAME SEED: every task of LOCAL_TASKS has its result in the folder (a rerun resumes)
     local task
     for task in $LOCAL_TASKS; do
         compgen -G "$WORK/eval/results/megatron-grace__$1/*/experiments/*rationale_True__seed_$2__*/$task.json" \
@@ -73,6 +72,7 @@ if [[ $STAGE == eval || $STAGE == all ]]; then
     # Every (lane, step, seed) not yet evaluated, seed-major so that a cut-short run has every model at seed 0 first,
     # dealt round-robin to LANES single-thread lanes. Base without and with rationales (step 0) is not repeated here:
     # results/quality_smollm2_cpu/ holds it on the same suite, limit and sampling settings.
+    LOCAL_TASKS=$("$PYTHON" -c "from megatron_grace.eval.mteb_eval import LOCAL_TASK_NAMES; print(*LOCAL_TASK_NAMES)")
     jobs=()
     for seed in $SEEDS; do
         for name in $VARIANTS; do
