@@ -67,7 +67,7 @@ def collapse_signals(main: torch.Tensor, query: torch.Tensor, negatives: torch.T
     other_group = group_of[:, None] != group_of[None, :]  # [G·K, G·K]
     query_main = query_n @ main_n.T  # [G, G·K]
     own = query_main[group_of, torch.arange(main.shape[0], device=main.device)]  # cos(q_g, m_{g,k})
-    if mode == "supervised" and negatives is not None:
+    if against_negatives(mode, 0 if negatives is None else negatives.shape[1]):
         against = torch.einsum("gh,gmh->gm", query_n, F.normalize(negatives.float(), dim=-1)).mean(-1)[group_of]
     else:  # the anchor against the other groups' texts
         other = (group_of[None, :] != torch.arange(groups, device=main.device)[:, None]).float()  # [G, G·K]
@@ -96,9 +96,15 @@ def step_collapse_signals(embeddings, main_rollouts, width: int, group_size: int
     return collapse_signals(embeddings.main, embeddings.query, embeddings.negatives, tokens, group_size, mode=mode)
 
 
+def against_negatives(mode: str, num_negatives: int) -> bool:
+    """Whether ``margin_mean`` subtracts the hard negatives' similarity (supervised rows that have them) rather than
+    the other groups' texts; :func:`collapse_signals` computes and :func:`margin_description` names the same margin."""
+    return mode == "supervised" and num_negatives > 0
+
+
 def margin_description(mode: str, num_negatives: int) -> str:
     """What ``margin_mean`` compares in a run of this ``--train-mode`` and data (see :func:`collapse_signals`)."""
-    if mode == "supervised" and num_negatives > 0:
+    if against_negatives(mode, num_negatives):
         return "cos(query, positive) - cos(query, negative)"
     return "cos(anchor, own rollouts) - cos(anchor, other groups' texts)"
 
